@@ -1,0 +1,24 @@
+"""Phi-3 in plain PyTorch: config, model, checkpoint loading/saving and generation, without transformers.
+
+from lora.phi3 import from_pretrained, generate
+model = from_pretrained("Phi-3-mini-4k-instruct")          # bf16, memory-mapped
+out = generate(model, input_ids, max_new_tokens=64)         # stops on <|end|>, <|assistant|>, <|endoftext|>
+"""
+
+from lora.phi3.checkpoint import from_pretrained, save_pretrained
+from lora.phi3.config import Phi3Config
+from lora.phi3.generation import default_stop_token_ids, generate
+from lora.phi3.loss import chunked_cross_entropy
+from lora.phi3.model import KVCache, Phi3ForCausalLM, Phi3Model
+
+__all__ = [
+    "KVCache",
+    "Phi3Config",
+    "Phi3ForCausalLM",
+    "Phi3Model",
+    "chunked_cross_entropy",
+    "default_stop_token_ids",
+    "from_pretrained",
+    "generate",
+    "save_pretrained",
+]

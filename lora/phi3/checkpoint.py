@@ -1,0 +1,273 @@
+"""Load and save Phi-3 checkpoint directories in the Hugging Face layout, without transformers.
+
+Layout: `config.json`, optional `generation_config.json`, and either `model.safetensors` or shards
+`model-0000N-of-0000M.safetensors` listed by `model.safetensors.index.json` (`{"weight_map": {name: file}}`).
+
+Loading builds the model on the meta device, checks every tensor's name, shape and dtype against the
+config before reading any data, then materialises each tensor once. On CPU in the checkpoint's dtype the
+parameters are zero-copy views of the memory-mapped files (private mappings: writing to a parameter
+never touches the file), so peak memory is the weights' size and pages are read on first use. Otherwise
+each tensor is read into its own buffer, converted or moved, and the buffer freed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora.phi3.config import Phi3Config
+from lora.phi3.model import Phi3ForCausalLM
+
+__all__ = ["from_pretrained", "save_pretrained"]
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# safetensors dtype strings this model can hold.
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _weight_files(root: Path) -> dict[str, Path]:
+    """Map each tensor name to its file, from the index when there is one; errors name the missing file."""
+    index = root / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = {name: root / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(f"{shard}: shard listed in {index} is missing")
+        return files
+    single = root / SINGLE_FILE_NAME
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise FileNotFoundError(f"{root}: neither {INDEX_NAME} nor {SINGLE_FILE_NAME} found")
+
+
+def _read_headers(files: dict[str, Path]) -> dict[str, tuple[list[int], str]]:
+    """Shape and safetensors dtype string of every tensor the index promises, checked against the files."""
+    headers: dict[str, tuple[list[int], str]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            present = set(f.keys())
+            for name in (n for n, p in files.items() if p == path):
+                if name not in present:
+                    raise ValueError(f"{path}: tensor {name!r} listed in the index is not in the file")
+                tensor = f.get_slice(name)
+                headers[name] = (tensor.get_shape(), tensor.get_dtype())
+    return headers
+
+
+def _check_tensors(model: Phi3ForCausalLM, headers: dict[str, tuple[list[int], str]], root: Path) -> None:
+    """Raise unless the checkpoint holds exactly the model's tensors, with the config's shapes."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # A tied head is the embedding; transformers' save omits it, but a file that also stores it is fine.
+    optional = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(headers) - optional)
+    unexpected = sorted(set(headers) - set(expected) - optional)
+    if missing:
+        raise ValueError(
+            f"{root}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:5])}"
+        )
+    if unexpected:
+        raise ValueError(
+            f"{root}: {len(unexpected)} unexpected tensor(s) in the checkpoint: {', '.join(unexpected[:5])}"
+        )
+    for name, (shape, dtype) in sorted(headers.items()):
+        if name in expected and tuple(shape) != expected[name]:
+            raise ValueError(
+                f"{root}: tensor {name!r} has shape {tuple(shape)}, but config.json implies {expected[name]}"
+            )
+        if dtype not in _DTYPES:
+            raise ValueError(
+                f"{root}: tensor {name!r} has dtype {dtype}; supported: {', '.join(sorted(_DTYPES))}"
+            )
+
+
+def _resolve_dtype(
+    dtype: torch.dtype | str | None, headers: dict[str, tuple[list[int], str]], config: Phi3Config
+) -> torch.dtype:
+    """The requested dtype, else the checkpoint's (config.json's `dtype` if the file mixes dtypes)."""
+    if isinstance(dtype, str):
+        name = dtype
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(
+                f"dtype {name!r} is not supported; expected one of {', '.join(_DTYPE_NAMES.values())}"
+            )
+    if dtype is None:
+        stored = {d for _, d in headers.values()}
+        if len(stored) == 1:
+            return _DTYPES[stored.pop()]
+        dtype = getattr(torch, config.dtype or "", None)
+        if dtype is None:
+            raise ValueError(
+                f"checkpoint mixes dtypes {sorted(stored)} and config.json names none; pass dtype="
+            )
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(
+            f"dtype {dtype} is not supported; expected one of {', '.join(_DTYPE_NAMES.values())}"
+        )
+    return dtype
+
+
+def from_pretrained(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> Phi3ForCausalLM:
+    """Load a Phi-3 checkpoint directory; parameters in `dtype` (default: the checkpoint's) on `device`.
+
+    Every name, shape and dtype is checked before any data is read, so an error leaves nothing behind.
+    Example: `model = from_pretrained("Phi-3-mini-4k-instruct")` (bf16 on CPU, memory-mapped).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
+    config = Phi3Config.from_json(root / CONFIG_NAME)
+    files = _weight_files(root)
+    headers = _read_headers(files)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    _check_tensors(model, headers, root)
+    dtype = _resolve_dtype(dtype, headers, config)
+    device = torch.device(device if device is not None else "cpu")
+
+    params = dict(model.named_parameters())
+    for path_ in sorted(set(files.values())):
+        names = [n for n, p in files.items() if p == path_ and n in params]
+        zero_copy = device.type == "cpu" and all(_DTYPES[headers[n][1]] == dtype for n in names)
+        # mmap gives views of the page cache; pread gives a private buffer per tensor that dies after
+        # conversion, so a cast or a device move never keeps a second copy of the file mapped.
+        with safe_open(path_, framework="pt", backend="mmap" if zero_copy else "pread") as f:
+            for name in names:
+                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                module_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    config.dtype = _DTYPE_NAMES[dtype]
+    model.name_or_path = str(root)
+    generation = root / GENERATION_CONFIG_NAME
+    model.generation_config = json.loads(generation.read_text()) if generation.is_file() else {}
+    return model
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a string such as "5GB" (10^9) or "2GiB" (2^30)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
+        if match is None:
+            raise ValueError(f"max_shard_size must be an int or a size like '5GB' or '500MiB', got {size!r}")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split in order into groups of at most `max_bytes` (a larger tensor gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(
+    model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write `model` as a checkpoint directory that transformers' and our `from_pretrained` load.
+
+    One `model.safetensors` when everything fits in `max_shard_size`, else numbered shards plus
+    `model.safetensors.index.json`. All files are written and fsynced in a temporary directory next to
+    `path`, then renamed into place (the whole directory at once when `path` does not exist; file by
+    file, index and configs last, when it does, so other files there such as the tokenizer stay), and
+    weight files of an earlier save that the new index does not list are removed.
+    """
+    root = Path(path)
+    max_bytes = _parse_size(max_shard_size)
+    tensors = {
+        name: tensor.detach().contiguous().cpu()
+        for name, tensor in model.state_dict().items()
+        if not (model.config.tie_word_embeddings and name == "lm_head.weight")
+    }
+    dtypes = {t.dtype for t in tensors.values()}
+    config = model.config.to_dict()
+    config["dtype"] = _DTYPE_NAMES.get(dtypes.pop()) if len(dtypes) == 1 else model.config.dtype
+    generation = model.generation_config or {
+        k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
+    shards = _shards(tensors, max_bytes)
+    if len(shards) == 1:
+        names = [SINGLE_FILE_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; it may become the checkpoint directory itself
+        for name, shard in zip(names, shards, strict=True):
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            weight_map = {t: name for name, shard in zip(names, shards, strict=True) for t in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(tmp / CONFIG_NAME, config)
+        _write_json(tmp / GENERATION_CONFIG_NAME, generation)
+        written = sorted(os.listdir(tmp))
+        for name in written:
+            _fsync(tmp / name)
+        if not root.exists():
+            os.replace(tmp, root)
+        else:
+            # Weights first, then the files that point at them, so a reader never sees an index or
+            # config whose weights are not there yet.
+            last = [INDEX_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME]
+            for name in sorted(written, key=lambda n: n in last):
+                os.replace(tmp / name, root / name)
+            stale = [p for p in root.iterdir() if _WEIGHT_FILE.fullmatch(p.name) and p.name not in written]
+            if INDEX_NAME not in written:
+                stale += [root / INDEX_NAME] if (root / INDEX_NAME).exists() else []
+            for stale_path in stale:
+                stale_path.unlink()
+        _fsync(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

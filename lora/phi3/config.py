@@ -1,0 +1,215 @@
+"""`Phi3Config`: the hyper-parameters of a Phi-3 checkpoint, read from its `config.json`.
+
+Two spellings of the same file exist in the wild and both are accepted:
+
+- transformers 4 (the Hub's Phi-3 files): `rope_theta`, `rope_scaling={"type": "su" | "longrope" | "yarn",
+  "short_factor", "long_factor"}` and `torch_dtype`;
+- transformers 5 (what `save_pretrained` writes today): `rope_parameters={"rope_type", "rope_theta",
+  "partial_rotary_factor", ...}` and `dtype`.
+
+`su`, `longrope` and the legacy `yarn` of old Phi-3 configs are one algorithm (LongRoPE) and are stored
+as `rope_type="longrope"`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Phi3Config"]
+
+# Names under which Phi-3 configs spell LongRoPE: "su" (April 2024 Hub files), "yarn" (older remote code).
+_LONGROPE_NAMES = ("su", "longrope", "yarn")
+
+
+@dataclass
+class Phi3Config:
+    """Hyper-parameters of a Phi-3 model; field names and defaults follow `config.json` (Phi-3-mini-4k).
+
+    Example: `Phi3Config.from_json("Phi-3-mini-4k-instruct/config.json").head_dim == 96`.
+    """
+
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: Literal["silu"] = "silu"
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: Literal["default", "longrope"] = "default"
+    partial_rotary_factor: float = 1.0
+    short_factor: list[float] | None = None
+    long_factor: list[float] | None = None
+    rope_factor: float | None = None
+    attention_factor: float | None = None
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    attention_dropout: float = 0.0
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 32000
+    pad_token_id: int | None = 32000
+    dtype: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self._validate()
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates: `int(head_dim * partial_rotary_factor)`."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def rope_attention_scaling(self) -> float:
+        """LongRoPE's factor on cos and sin: `sqrt(1 + ln(f) / ln(original_max))`, f = max / original_max.
+
+        An explicit `attention_factor` or `factor` in the config wins; 1.0 for default RoPE.
+        Example: 131072 / 4096 gives 1.1902380714.
+        """
+        if self.rope_type == "default":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        factor = self.rope_factor
+        if factor is None:
+            factor = self.max_position_embeddings / self.original_max_position_embeddings
+        if factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Phi3Config:
+        """Read a `config.json` (transformers 4 or 5 spelling); errors name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: config.json not found; expected a Hugging Face checkpoint directory"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Phi3Config:
+        """Build from a parsed `config.json`; keys this model does not use are kept in `extra`."""
+        data = dict(data)
+        model_type = data.pop("model_type", None)
+        if model_type != "phi3":
+            raise ValueError(f"model_type is {model_type!r}, expected 'phi3'")
+        rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None) or {}
+        data.pop("rope_scaling", None)
+        rope = dict(rope)
+        rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        if rope_type in _LONGROPE_NAMES:
+            rope_type = "longrope"
+        elif rope_type != "default":
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported; expected 'default' or one of {_LONGROPE_NAMES}"
+            )
+        kwargs: dict[str, Any] = {"rope_type": rope_type}
+        # The v5 spelling nests these in rope_parameters; the v4 one keeps them at the top level.
+        for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
+            value = rope.pop(key, None)
+            top = data.pop(key, None)
+            if value is None:
+                value = top
+            if value is not None:
+                kwargs[key] = value
+        kwargs["short_factor"] = rope.pop("short_factor", None)
+        kwargs["long_factor"] = rope.pop("long_factor", None)
+        kwargs["rope_factor"] = rope.pop("factor", None)
+        kwargs["attention_factor"] = rope.pop("attention_factor", None)
+        kwargs["dtype"] = data.pop("dtype", None) or data.pop("torch_dtype", None)
+        data.pop("torch_dtype", None)
+        names = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        kwargs.update({k: data.pop(k) for k in list(data) if k in names})
+        kwargs["extra"] = {**data, **({"rope_parameters": rope} if rope else {})}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The transformers-5 spelling of `config.json` (what transformers' `from_pretrained` reads)."""
+        rope: dict[str, Any] = {
+            "rope_type": self.rope_type,
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+        }
+        if self.rope_type == "longrope":
+            rope.update(
+                short_factor=self.short_factor,
+                long_factor=self.long_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+            if self.rope_factor is not None:
+                rope["factor"] = self.rope_factor
+            if self.attention_factor is not None:
+                rope["attention_factor"] = self.attention_factor
+        out = {k: v for k, v in self.extra.items() if k != "rope_parameters"}
+        out.update(
+            architectures=["Phi3ForCausalLM"],
+            model_type="phi3",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            hidden_act=self.hidden_act,
+            max_position_embeddings=self.max_position_embeddings,
+            original_max_position_embeddings=self.original_max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=rope,
+            partial_rotary_factor=self.partial_rotary_factor,
+            sliding_window=self.sliding_window,
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_dropout=self.attention_dropout,
+            resid_pdrop=self.resid_pdrop,
+            embd_pdrop=self.embd_pdrop,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            dtype=self.dtype,
+        )
+        # Only write head_dim when it is not the implied one: transformers' Phi3Config has no such field.
+        if self.head_dim != self.hidden_size // self.num_attention_heads:
+            out["head_dim"] = self.head_dim
+        return out
+
+    def _validate(self) -> None:
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; Phi-3 uses 'silu'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be null or a positive int, got {self.sliding_window}")
+        if self.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                factors = getattr(self, name)
+                if factors is None or len(factors) != self.rotary_dim // 2:
+                    got = None if factors is None else len(factors)
+                    raise ValueError(
+                        f"LongRoPE {name} must be a list of rotary_dim/2 = {self.rotary_dim // 2} numbers, "
+                        f"got {got}"
+                    )
