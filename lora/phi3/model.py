@@ -339,8 +339,9 @@ class Phi3ForCausalLM(nn.Module):
         `position_ids` `(B or 1, T)` default to `past + arange(T)`. `attention_mask` `(B, past + T)` has 1
         for real tokens and 0 for padding (right padding; left padding with matching position_ids, as
         `generate` builds them). `packed=True` blocks attention between documents packed into one row,
-        found where `position_ids` restart (transformers does this implicitly whenever position_ids
-        are passed without an attention_mask; here it is asked for, so a plain call never changes the mask).
+        found where `position_ids` restart (transformers does this implicitly when position_ids come
+        without an attention_mask and without a cache, i.e. `use_cache=False`; here it is asked for, so a
+        plain call never changes the mask).
         `cache` is the `KVCache` that `generate` threads through.
         """
         hidden = self.model(
