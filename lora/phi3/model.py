@@ -243,7 +243,12 @@ class Phi3Model(nn.Module):
         self.config = config
         pad = config.pad_token_id
         padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
+        # Passing the weight skips nn.Embedding's init: normal_ on the meta device (from_pretrained) first
+        # imports torch._dynamo, ~2 s; a real weight is initialised right after.
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx, _weight=weight)
+        if not weight.is_meta:
+            self.embed_tokens.reset_parameters()
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
