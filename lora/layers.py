@@ -1,0 +1,692 @@
+"""LoRA layers with loralib 0.1.2's names, arguments, defaults, parameter names and shapes.
+
+Each layer *is* the torch layer it extends (``Linear`` is an ``nn.Linear``), so a base checkpoint's
+``weight``/``bias`` keys load unchanged and only ``lora_A``/``lora_B`` are new. The adapted weight is
+
+    W' = W + scaling * B @ A,    scaling = lora_alpha / r   (lora_alpha / sqrt(r) with use_rslora)
+
+defined once per layer type in ``delta_weight()``; merge, unmerge, ``merged_state_dict`` and the
+tests all use it.
+
+Merging never writes the frozen weight. ``merge()`` keeps the merged weight in a separate,
+non-persistent buffer that forward uses instead, so unmerging restores the original bits exactly in
+every dtype, ``state_dict()`` always holds the unmerged base weight, and a merged state dict cannot
+double-apply the delta when it is loaded. The price: one weight-sized tensor (in the weight's dtype)
+per merged layer while it is merged. ``unmerge()`` frees it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lowrank import lowrank_linear
+
+__all__ = [
+    "LoRALayer",
+    "Linear",
+    "Embedding",
+    "MergedLinear",
+    "ConvLoRA",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+]
+
+
+def _check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be a non-negative int (0 means no LoRA); got {r!r} of type {type(r).__name__}")
+    if r < 0:
+        raise ValueError(f"r must be a non-negative int (0 means no LoRA); got {r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+        raise TypeError(f"lora_alpha must be a positive number; got {lora_alpha!r} of type {type(lora_alpha).__name__}")
+    if not lora_alpha > 0 or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a positive, finite number; got {lora_alpha}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
+        raise TypeError(f"lora_dropout must be a float in [0, 1); got {lora_dropout!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1); got {lora_dropout}")
+
+
+def _adapter_dtype(weight: torch.Tensor, adapter_dtype: torch.dtype | None) -> torch.dtype:
+    # Adapters train in float32 over a 16-bit base: their updates are far below bf16's resolution.
+    if adapter_dtype is not None:
+        return adapter_dtype
+    return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+
+
+class LoRALayer:
+    """The LoRA state shared by every layer: ``r``, ``lora_alpha``, ``scaling``, dropout, merging.
+
+    ``LoRALayer(r, lora_alpha, lora_dropout, merge_weights)`` is loralib's signature; subclasses
+    also call it with ``use_rslora``.
+    """
+
+    r: int
+    lora_alpha: float
+    scaling: float
+    merged: bool
+    merge_weights: bool
+
+    def __init__(
+        self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, *, use_rslora: bool = False
+    ) -> None:
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        if r > 0:
+            self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        # A real module, not loralib's lambda: layers pickle, deep-copy and work under DDP.
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merge_weights = merge_weights
+        self.merged = False
+        self.adapters_disabled = False
+        self.register_buffer("merged_weight", None, persistent=False)
+
+    # -- the delta, defined once per layer type ---------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in float32, shaped and oriented like ``self.weight``."""
+        raise NotImplementedError
+
+    @property
+    def has_lora(self) -> bool:
+        return self._parameters.get("lora_A") is not None
+
+    def _lora_dropout_p(self) -> float:
+        dropout = self.lora_dropout
+        return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+
+    # -- merging ----------------------------------------------------------------------------------
+
+    def merged_weight_tensor(self) -> torch.Tensor:
+        """The merged weight ``W + delta``, computed in float32 and returned in the weight's dtype."""
+        weight = self.weight
+        if not self.has_lora:
+            return weight.detach()
+        with torch.no_grad():
+            return (weight.float() + self.delta_weight()).to(weight.dtype)
+
+    def merge(self) -> None:
+        """Use ``W + delta`` in forward (recomputed from the current adapters). Idempotent."""
+        if self.has_lora:
+            self.merged_weight = self.merged_weight_tensor()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Go back to the separate base + adapter forward. The base weight was never written."""
+        self.merged_weight = None
+        self.merged = False
+
+    def train(self, mode: bool = True):
+        """loralib's behaviour with ``merge_weights=True``: ``eval()`` merges, ``train()`` unmerges."""
+        super().train(mode)
+        if self.merge_weights:
+            if mode and self.merged:
+                self.unmerge()
+            elif not mode and not self.merged:
+                self.merge()
+        return self
+
+    def _effective_weight(self) -> torch.Tensor:
+        if self.merged and self.merged_weight is not None and not self.adapters_disabled:
+            return self.merged_weight
+        return self.weight
+
+    def _uses_lora_path(self) -> bool:
+        return self.has_lora and not self.merged and not self.adapters_disabled
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Check every LoRA shape before torch copies anything into this layer.
+        for name in ("lora_A", "lora_B"):
+            param = self._parameters.get(name)
+            key = prefix + name
+            if param is not None and key in state_dict and state_dict[key].shape != param.shape:
+                raise ValueError(
+                    f"shape mismatch for {key}: this layer expects {tuple(param.shape)} "
+                    f"(r={self.r}), the state dict has {tuple(state_dict[key].shape)}"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # New adapters or a new base must reach the merged weight (loralib silently ignores them).
+        if self.merged:
+            self.merge()
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.r > 0:
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            text += f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={p}"
+            if self.use_rslora:
+                text += ", use_rslora=True"
+        return text
+
+
+def _adopt(cls: type, module: nn.Module) -> Any:
+    """A new ``cls`` instance holding ``module``'s attributes and its very Parameter objects."""
+    layer = cls.__new__(cls)
+    for key, value in module.__dict__.items():
+        # Containers are copied shallowly: the layer adds lora_A/lora_B to its own dicts only.
+        layer.__dict__[key] = value.copy() if isinstance(value, (dict, set)) else value
+    return layer
+
+
+def _init_adapters(layer: LoRALayer, a_shape: Sequence[int], b_shape: Sequence[int], dtype: torch.dtype) -> None:
+    device = layer.weight.device
+    layer.lora_A = nn.Parameter(torch.zeros(a_shape, device=device, dtype=dtype))
+    layer.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+    layer.weight.requires_grad = False
+
+
+class Linear(LoRALayer, nn.Linear):
+    """``nn.Linear`` plus a rank-``r`` adapter: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+
+    ``lora_A`` is (r, in_features), kaiming-uniform; ``lora_B`` is (out_features, r), zeros.
+    ``fan_in_fan_out=True`` is for a weight stored as (in_features, out_features) (GPT-2's Conv1D).
+
+    >>> layer = Linear(64, 32, r=8, lora_alpha=16)
+    >>> layer(torch.randn(4, 64)).shape
+    torch.Size([4, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        *,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0:
+            _init_adapters(self, (r, in_features), (out_features, r), _adapter_dtype(self.weight, adapter_dtype))
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.t()
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Linear,
+        *,
+        r: int,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> Linear:
+        """Wrap ``module`` without copying: the layer shares its ``weight`` and ``bias`` Parameters.
+
+        The base is not re-initialised; the adapters start as in the constructor (B = 0, so the
+        output is unchanged). Works for meta-device and 16-bit weights.
+
+        >>> base = nn.Linear(64, 32)
+        >>> layer = Linear.from_module(base, r=8, lora_alpha=16)
+        >>> layer.weight is base.weight
+        True
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        layer = _adopt(cls, module)
+        LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        layer.fan_in_fan_out = fan_in_fan_out
+        if r > 0:
+            in_features, out_features = layer.in_features, layer.out_features
+            _init_adapters(layer, (r, in_features), (out_features, r), _adapter_dtype(layer.weight, adapter_dtype))
+            layer.reset_lora_parameters()
+        return layer
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A as ``nn.Linear`` initialises its weight, B zero: the layer starts as the base."""
+        if self._parameters.get("lora_A") is not None:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _slices(self) -> tuple[tuple[int, int], ...]:
+        return ((0, self.out_features),)
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B, r = self.lora_A.float(), self.lora_B.float(), self.r
+        delta = torch.zeros(self.out_features, self.in_features, device=self.weight.device)
+        row = 0
+        for j, (offset, size) in enumerate(self._slices()):
+            delta[offset : offset + size] = B[row : row + size] @ A[j * r : (j + 1) * r]
+            row += size
+        delta *= self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._uses_lora_path():
+            weight = self._effective_weight()
+            return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
+        if type(self.lora_dropout) not in (nn.Dropout, nn.Identity):
+            return self._forward_reference(x)
+        return lowrank_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            p=self._lora_dropout_p(),
+            slices=self._slices(),
+            fan_in_fan_out=self.fan_in_fan_out,
+        )
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same maths with plain autograd ops (used for a custom ``lora_dropout`` module)."""
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+        result = F.linear(x, weight, self.bias)
+        xa = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
+        r = self.r
+        parts, row = [], 0
+        for j, (offset, size) in enumerate(self._slices()):
+            out_j = xa[..., j * r : (j + 1) * r] @ self.lora_B[row : row + size].t()
+            row += size
+            parts.append((offset, size, out_j))
+        delta = torch.zeros(*result.shape, dtype=xa.dtype, device=result.device)
+        for offset, size, out_j in parts:
+            delta[..., offset : offset + size] = out_j
+        return result + (delta * self.scaling).to(result.dtype)
+
+
+class MergedLinear(Linear):
+    """One ``nn.Linear`` computing several projections (fused q|k|v), one adapter per enabled slice.
+
+    ``enable_lora`` says which of the equal output slices get an adapter (loralib's layout);
+    ``split_sizes`` gives unequal slice sizes instead (grouped-query attention: q larger than k, v).
+    ``lora_A`` stacks one (r, in) block per enabled slice; ``lora_B`` one (size, r) block per enabled
+    slice. Forward computes ``x @ A^T`` once and one small product per slice: the full (out, in)
+    delta is never built.
+
+    >>> qkv = MergedLinear(64, 128, r=4, enable_lora=(True, False, True), split_sizes=(64, 32, 32))
+    >>> tuple(qkv.lora_A.shape), tuple(qkv.lora_B.shape)
+    ((8, 64), (96, 4))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] = (False,),
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        *,
+        split_sizes: Sequence[int] | None = None,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.enable_lora = enable_lora
+        self.split_sizes = split_sizes
+        if r > 0:
+            self._init_slices(adapter_dtype)
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.t()
+
+    @classmethod
+    def from_module(  # type: ignore[override]
+        cls,
+        module: nn.Linear,
+        split_sizes: Sequence[int],
+        *,
+        r: int,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] | None = None,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> MergedLinear:
+        """Wrap a fused ``nn.Linear`` without copying; ``split_sizes`` are its output slices.
+
+        ``enable_lora`` defaults to every slice.
+
+        >>> qkv = nn.Linear(64, 128)  # q: 64, k: 32, v: 32
+        >>> layer = MergedLinear.from_module(qkv, (64, 32, 32), r=4, enable_lora=(True, False, True))
+        >>> layer.weight is qkv.weight
+        True
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"MergedLinear.from_module expects an nn.Linear; got {type(module).__name__}")
+        if enable_lora is None:
+            enable_lora = (True,) * len(split_sizes)
+        enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        layer = _adopt(cls, module)
+        LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        layer.fan_in_fan_out = fan_in_fan_out
+        layer.enable_lora = enable_lora
+        layer.split_sizes = split_sizes
+        if r > 0:
+            layer._init_slices(adapter_dtype)
+            layer.reset_lora_parameters()
+        return layer
+
+    @staticmethod
+    def _check_slices(
+        out_features: int, r: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None
+    ) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+        enable = tuple(enable_lora)
+        if not enable or not all(isinstance(e, bool) for e in enable):
+            raise TypeError(f"enable_lora must be a non-empty sequence of bools; got {enable_lora!r}")
+        if split_sizes is None:
+            if out_features % len(enable) != 0:
+                raise ValueError(
+                    f"len(enable_lora)={len(enable)} must divide out_features={out_features}; "
+                    "pass split_sizes for unequal slices"
+                )
+            sizes = (out_features // len(enable),) * len(enable)
+        else:
+            sizes = tuple(split_sizes)
+            if len(sizes) != len(enable):
+                raise ValueError(
+                    f"split_sizes has {len(sizes)} entries but enable_lora has {len(enable)}; they must match"
+                )
+            if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
+                raise ValueError(f"split_sizes must be positive ints; got {sizes}")
+            if sum(sizes) != out_features:
+                raise ValueError(f"split_sizes {sizes} sum to {sum(sizes)}, not out_features={out_features}")
+        if r > 0 and not any(enable):
+            raise ValueError(
+                f"enable_lora={enable} enables no slice, so r={r} would add no adapter; "
+                "enable at least one slice or use r=0"
+            )
+        return enable, sizes
+
+    def _init_slices(self, adapter_dtype: torch.dtype | None) -> None:
+        n_enabled = sum(self.enable_lora)
+        rows = sum(size for size, on in zip(self.split_sizes, self.enable_lora) if on)
+        _init_adapters(self, (self.r * n_enabled, self.in_features), (rows, self.r), _adapter_dtype(self.weight, adapter_dtype))
+
+    def _slices(self) -> tuple[tuple[int, int], ...]:
+        slices, offset = [], 0
+        for size, on in zip(self.split_sizes, self.enable_lora):
+            if on:
+                slices.append((offset, size))
+            offset += size
+        return tuple(slices)
+
+
+class Embedding(LoRALayer, nn.Embedding):
+    """``nn.Embedding`` plus a rank-``r`` adapter: ``E' = E + scaling * (B @ A)^T``.
+
+    As in loralib, ``lora_A`` is (r, num_embeddings), zeros, and ``lora_B`` is (embedding_dim, r),
+    normal: the reverse of ``Linear``'s init, since a lookup has no input to project. The
+    ``padding_idx`` row's delta is always zero, ``max_norm`` renormalises the looked-up base rows
+    without writing the weight or ``lora_A``, and ``sparse=True`` is refused with ``r > 0``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        *,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_hyperparameters(r, lora_alpha, 0.0)
+        if r > 0 and kwargs.get("sparse"):
+            raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights, use_rslora=use_rslora)
+        if r > 0:
+            _init_adapters(self, (r, num_embeddings), (embedding_dim, r), _adapter_dtype(self.weight, adapter_dtype))
+        self.reset_parameters()
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Embedding,
+        *,
+        r: int,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> Embedding:
+        """Wrap ``module`` without copying: the layer shares its ``weight`` Parameter."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
+        _check_hyperparameters(r, lora_alpha, 0.0)
+        if r > 0 and module.sparse:
+            raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
+        layer = _adopt(cls, module)
+        LoRALayer.__init__(layer, r, lora_alpha, 0.0, merge_weights, use_rslora=use_rslora)
+        if r > 0:
+            shape_a, shape_b = (r, layer.num_embeddings), (layer.embedding_dim, r)
+            _init_adapters(layer, shape_a, shape_b, _adapter_dtype(layer.weight, adapter_dtype))
+            layer.reset_lora_parameters()
+        return layer
+
+    def reset_parameters(self) -> None:
+        nn.Embedding.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if self._parameters.get("lora_A") is not None:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = (self.lora_B.float() @ self.lora_A.float()).t() * self.scaling  # (num_embeddings, dim)
+        if self.padding_idx is not None:
+            delta[self.padding_idx] = 0
+        return delta
+
+    def _lookup_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(x, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        if self.max_norm is None:
+            return rows
+        # torch renormalises the weight in place; we scale the looked-up rows and keep the weight intact.
+        norms = rows.detach().float().norm(p=self.norm_type, dim=-1, keepdim=True)
+        scale = torch.where(norms > self.max_norm, self.max_norm / (norms + 1e-7), torch.ones_like(norms))
+        return rows * scale.to(rows.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._uses_lora_path():
+            return self._lookup_base(x, self._effective_weight())
+        result = self._lookup_base(x, self.weight)
+        after_A = F.embedding(x, self.lora_A.t(), None, None, 2.0, self.scale_grad_by_freq)  # (..., r)
+        if self.padding_idx is not None:
+            after_A = after_A.masked_fill((x == self.padding_idx).unsqueeze(-1), 0)
+        delta = (after_A @ self.lora_B.t()) * self.scaling
+        return result + delta.to(result.dtype)
+
+
+class ConvLoRA(LoRALayer):
+    """What the conv layers share. ``ConvLoRA(nn.Conv2d, in, out, kernel_size, r=...)`` builds a
+    ``Conv2d`` (loralib's spelling); ``layer.conv`` is the layer itself, so loralib code that reads
+    ``layer.conv.weight`` keeps working.
+
+    Parameterisation, with ``K`` the product of the kernel sizes and ``g`` the groups:
+
+    - ``Conv2d`` with an int kernel ``k`` and any conv with kernel 1: loralib's layout,
+      ``lora_A`` (r*k, in*k), ``lora_B`` (out/g*k, r*k), ``delta = (B @ A).view(weight.shape)``, so
+      loralib checkpoints load. Its rank as an (out, in/g*K) matrix can exceed r.
+    - Any other kernel (tuples, ``Conv1d``/``Conv3d`` with kernel > 1, where loralib crashes):
+      ``lora_A`` (r, in/g*K), ``lora_B`` (out, r), ``delta = (B @ A).view(weight.shape)``: the weight
+      seen as an (out, in/g*K) matrix gets a delta of rank at most r (PEFT's conv layout).
+
+    Dropout applies to the adapter's input: ``y = conv(x, W) + conv(dropout(x), delta)``; without
+    dropout (or in eval mode) that is one ``conv(x, W + delta)``.
+    """
+
+    _conv_types: dict[type, type] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls is ConvLoRA:
+            conv_module = args[0] if args else kwargs.get("conv_module")
+            if conv_module not in ConvLoRA._conv_types:
+                raise TypeError(f"ConvLoRA expects nn.Conv1d, nn.Conv2d or nn.Conv3d first; got {conv_module!r}")
+            cls = ConvLoRA._conv_types[conv_module]
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        conv_module: type,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        *,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        self.loralib_layout = self._is_loralib_layout(kernel_size)
+        if r > 0:
+            self._init_conv_adapters(adapter_dtype)
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
+
+    def _is_loralib_layout(self, kernel_size: int | tuple[int, ...]) -> bool:
+        return isinstance(kernel_size, int) and (isinstance(self, nn.Conv2d) or kernel_size == 1)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = None,
+    ):
+        """Wrap an ``nn.Conv1d/2d/3d`` without copying; uses the true-rank parameterisation
+        unless the kernel is square (and 2d) or 1, as the constructor does."""
+        target = ConvLoRA._conv_types.get(type(module))
+        if target is None or cls not in (ConvLoRA, target):
+            expected = "an nn.Conv1d, nn.Conv2d or nn.Conv3d" if cls is ConvLoRA else f"an nn.{cls.__name__}"
+            raise TypeError(f"{cls.__name__}.from_module expects {expected}; got {type(module).__name__}")
+        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        layer = _adopt(target, module)
+        LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        ks = module.kernel_size
+        layer.loralib_layout = layer._is_loralib_layout(ks[0] if len(set(ks)) == 1 else ks)
+        if r > 0:
+            layer._init_conv_adapters(adapter_dtype)
+            layer.reset_lora_parameters()
+        layer._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
+        return layer
+
+    @property
+    def conv(self):
+        """The layer itself: loralib 0.1.2 kept the conv in ``self.conv``."""
+        return self
+
+    def _init_conv_adapters(self, adapter_dtype: torch.dtype | None) -> None:
+        r, groups = self.r, self.groups
+        dtype = _adapter_dtype(self.weight, adapter_dtype)
+        if self.loralib_layout:
+            k = self.kernel_size[0]
+            _init_adapters(self, (r * k, self.in_channels * k), (self.out_channels // groups * k, r * k), dtype)
+        else:
+            fan_in = self.weight[0].numel()  # in/groups * K
+            _init_adapters(self, (r, fan_in), (self.out_channels, r), dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if self._parameters.get("lora_A") is not None:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()).view(self.weight.shape) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._uses_lora_path():
+            return self._conv_forward(x, self._effective_weight(), self.bias)
+        delta = self.delta_weight().to(self.weight.dtype)
+        if self._lora_dropout_p() == 0.0:
+            return self._conv_forward(x, self.weight + delta, self.bias)
+        return self._conv_forward(x, self.weight, self.bias) + self._conv_forward(self.lora_dropout(x), delta, None)
+
+
+def _accept_loralib_conv_keys(state_dict, prefix, *args: Any) -> None:
+    # loralib 0.1.2 saved the base conv as `conv.weight` / `conv.bias`; ours are `weight` / `bias`.
+    for name in ("weight", "bias"):
+        old = prefix + "conv." + name
+        if old in state_dict and prefix + name not in state_dict:
+            state_dict[prefix + name] = state_dict.pop(old)
+
+
+class Conv1d(ConvLoRA, nn.Conv1d):
+    """``nn.Conv1d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        ConvLoRA.__init__(self, nn.Conv1d, *_strip_conv_type(args, nn.Conv1d), **kwargs)
+
+
+class Conv2d(ConvLoRA, nn.Conv2d):
+    """``nn.Conv2d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        ConvLoRA.__init__(self, nn.Conv2d, *_strip_conv_type(args, nn.Conv2d), **kwargs)
+
+
+class Conv3d(ConvLoRA, nn.Conv3d):
+    """``nn.Conv3d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        ConvLoRA.__init__(self, nn.Conv3d, *_strip_conv_type(args, nn.Conv3d), **kwargs)
+
+
+def _strip_conv_type(args: tuple, conv_type: type) -> tuple:
+    # `ConvLoRA(nn.Conv2d, ...)` returns a Conv2d, and Python then calls Conv2d.__init__ with the
+    # same arguments, conv type included.
+    return args[1:] if args and args[0] is conv_type else args
+
+
+ConvLoRA._conv_types.update({nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d})

@@ -1,0 +1,89 @@
+"""Model-level merging: fold every adapter into its weight for inference or export, and back.
+
+Every function here uses the layers' one definition of the delta (``LoRALayer.delta_weight``),
+computed in float32 once per call. Merging never writes the frozen weights (see ``lora.layers``), so
+``unmerge_lora`` restores them bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .layers import LoRALayer
+
+__all__ = ["merge_lora", "unmerge_lora", "merged", "merged_state_dict", "disable_adapters"]
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Make every LoRA layer of ``model`` compute with ``W + delta``. Idempotent; returns ``model``.
+
+    Costs one weight-sized tensor per adapted layer until ``unmerge_lora``.
+    """
+    for _, layer in _lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora``: the frozen weights are exactly what they were. Returns ``model``."""
+    for _, layer in _lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with merged weights inside the block, and restore each layer's state after.
+
+    >>> model = torch.nn.Sequential(Linear(8, 8, r=2))  # doctest: +SKIP
+    >>> with lora.merged(model):
+    ...     y = model(x)
+    """
+    was_merged = [(layer, layer.merged) for _, layer in _lora_layers(model)]
+    merge_lora(model)
+    try:
+        yield model
+    finally:
+        for layer, state in was_merged:
+            if not state:
+                layer.unmerge()
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (a reference model, or to compare with the base)."""
+    previous = [(layer, layer.adapters_disabled) for _, layer in _lora_layers(model)]
+    for layer, _ in previous:
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in previous:
+            layer.adapters_disabled = state
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict a plain (LoRA-free) copy of ``model`` would have, with every delta folded in.
+
+    A pure function: ``model`` is not modified. ``lora_A``/``lora_B`` are left out, so the result
+    loads into the original architecture (``nn.Linear`` in place of ``lora.Linear``). This replaces
+    loralib's habit of calling ``model.eval()`` and saving ``model.state_dict()``.
+    """
+    state = model.state_dict()
+    for name, layer in _lora_layers(model):
+        prefix = f"{name}." if name else ""
+        if not layer.has_lora:
+            continue
+        state[prefix + "weight"] = layer.merged_weight_tensor()
+        del state[prefix + "lora_A"], state[prefix + "lora_B"]
+    return state
