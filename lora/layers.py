@@ -93,8 +93,12 @@ class LoRALayer:
     # -- the delta, defined once per layer type ---------------------------------------------------
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in float32, shaped and oriented like ``self.weight``."""
+        """``scaling * B @ A`` in float32 (float64 for a float64 weight), shaped like ``self.weight``."""
         raise NotImplementedError
+
+    def _delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     @property
     def has_lora(self) -> bool:
@@ -112,7 +116,8 @@ class LoRALayer:
         if not self.has_lora:
             return weight.detach()
         with torch.no_grad():
-            return (weight.float() + self.delta_weight()).to(weight.dtype)
+            delta = self.delta_weight()
+            return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     def merge(self) -> None:
         """Use ``W + delta`` in forward (recomputed from the current adapters). Idempotent."""
@@ -145,7 +150,9 @@ class LoRALayer:
 
     # -- loading ----------------------------------------------------------------------------------
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Check every LoRA shape before torch copies anything into this layer.
         for name in ("lora_A", "lora_B"):
             param = self._parameters.get(name)
@@ -272,8 +279,8 @@ class Linear(LoRALayer, nn.Linear):
         return ((0, self.out_features),)
 
     def delta_weight(self) -> torch.Tensor:
-        A, B, r = self.lora_A.float(), self.lora_B.float(), self.r
-        delta = torch.zeros(self.out_features, self.in_features, device=self.weight.device)
+        (A, B), r = self._delta_factors(), self.r
+        delta = torch.zeros(self.out_features, self.in_features, device=self.weight.device, dtype=A.dtype)
         row = 0
         for j, (offset, size) in enumerate(self._slices()):
             delta[offset : offset + size] = B[row : row + size] @ A[j * r : (j + 1) * r]
@@ -431,13 +438,13 @@ class MergedLinear(Linear):
         return enable, sizes
 
     def _init_slices(self, adapter_dtype: torch.dtype | None) -> None:
-        n_enabled = sum(self.enable_lora)
-        rows = sum(size for size, on in zip(self.split_sizes, self.enable_lora) if on)
-        _init_adapters(self, (self.r * n_enabled, self.in_features), (rows, self.r), _adapter_dtype(self.weight, adapter_dtype))
+        slices = self._slices()
+        dtype = _adapter_dtype(self.weight, adapter_dtype)
+        _init_adapters(self, (self.r * len(slices), self.in_features), (sum(s for _, s in slices), self.r), dtype)
 
     def _slices(self) -> tuple[tuple[int, int], ...]:
         slices, offset = [], 0
-        for size, on in zip(self.split_sizes, self.enable_lora):
+        for size, on in zip(self.split_sizes, self.enable_lora, strict=True):
             if on:
                 slices.append((offset, size))
             offset += size
@@ -509,7 +516,8 @@ class Embedding(LoRALayer, nn.Embedding):
             nn.init.normal_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B.float() @ self.lora_A.float()).t() * self.scaling  # (num_embeddings, dim)
+        A, B = self._delta_factors()
+        delta = (B @ A).t() * self.scaling  # (num_embeddings, dim)
         if self.padding_idx is not None:
             delta[self.padding_idx] = 0
         return delta
@@ -643,7 +651,8 @@ class ConvLoRA(LoRALayer):
             nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()).view(self.weight.shape) * self.scaling
+        A, B = self._delta_factors()
+        return (B @ A).view(self.weight.shape) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._uses_lora_path():

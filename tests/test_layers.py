@@ -1,0 +1,510 @@
+"""Behaviour of the LoRA layers: merging, exact restore, mixed precision, wrapping, errors."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def randomise(module, seed=1, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, lora.LoRALayer) and layer.has_lora:
+                for p in (layer.lora_A, layer.lora_B):
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def build(kind, dtype=torch.float32, r=3, **kw):
+    """A layer of each type with its input."""
+    torch.manual_seed(0)
+    if kind == "Linear":
+        layer, x = lora.Linear(12, 10, r=r, lora_alpha=6, **kw), torch.randn(2, 5, 12)
+    elif kind == "MergedLinear":
+        layer = lora.MergedLinear(12, 16, r=r, enable_lora=(True, False, True), split_sizes=(8, 4, 4), **kw)
+        x = torch.randn(2, 5, 12)
+    elif kind == "Embedding":
+        layer, x = lora.Embedding(30, 8, r=r, lora_alpha=6, **kw), torch.randint(0, 30, (2, 5))
+    elif kind == "Conv1d":
+        layer, x = lora.Conv1d(4, 6, 3, r=r, padding=1, **kw), torch.randn(2, 4, 9)
+    elif kind == "Conv2d":
+        layer, x = lora.Conv2d(4, 6, 3, r=r, padding=1, **kw), torch.randn(2, 4, 7, 7)
+    elif kind == "Conv3d":
+        layer, x = lora.Conv3d(4, 6, (1, 3, 2), r=r, **kw), torch.randn(2, 4, 3, 5, 5)
+    layer = layer.to(dtype)
+    randomise(layer)
+    if x.is_floating_point():
+        x = x.to(dtype)
+    return layer, x
+
+
+KINDS = ["Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_forward_equals_unmerged(kind):
+    layer, x = build(kind, dtype=torch.float64)
+    layer.eval()  # merges
+    assert layer.merged and layer.merged_weight is not None
+    merged = layer(x)
+    layer.unmerge()
+    torch.testing.assert_close(merged, layer(x), rtol=1e-10, atol=1e-10)
+
+
+@given(
+    in_features=st.integers(1, 24),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    data=st.data(),
+    r=st.integers(1, 6),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    fan_in_fan_out=st.booleans(),
+)
+def test_merged_linear_merge_equals_unmerged_property(in_features, sizes, data, r, dtype, fan_in_fan_out):
+    enable = tuple(data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes))))
+    if not any(enable):
+        enable = (True,) + enable[1:]
+    layer = lora.MergedLinear(
+        in_features, sum(sizes), r=r, lora_alpha=2 * r, enable_lora=enable, split_sizes=sizes,
+        fan_in_fan_out=fan_in_fan_out,
+    ).to(dtype)
+    randomise(layer, scale=0.1)
+    x = torch.randn(3, in_features).to(dtype)
+    unmerged = layer(x)
+    with lora.merged(layer):
+        merged = layer(x)
+    # Reference in float64 from the one delta definition.
+    weight = layer.weight.double() + layer.delta_weight().double()
+    expected = x.double() @ (weight if fan_in_fan_out else weight.t()) + layer.bias.double()
+    tol = TOL[dtype] * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(unmerged.double(), expected, rtol=0, atol=tol)
+    torch.testing.assert_close(merged.double(), expected, rtol=0, atol=tol)
+    assert unmerged.dtype == dtype
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_bit_identical_after_many_cycles_with_changing_adapters(kind, dtype):
+    layer, x = build(kind, dtype=dtype)
+    original = layer.weight.detach().clone()
+    for cycle in range(50):
+        layer.eval()
+        layer.train()
+        with torch.no_grad():
+            layer.lora_B.add_(0.01 * (cycle % 3 - 1))
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(layer.weight.detach().view(bits), original.view(bits))
+    assert layer.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_taken_while_merged_reloads_to_same_outputs(kind):
+    layer, x = build(kind)
+    layer.eval()
+    expected = layer(x)
+    state = layer.state_dict()
+    assert "merged_weight" not in state
+    fresh, _ = build(kind)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    torch.testing.assert_close(fresh(x), expected)
+    fresh.train()
+    torch.testing.assert_close(fresh(x), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loading_adapters_in_eval_mode_takes_effect(kind):
+    layer, x = build(kind)
+    layer.eval()
+    before = layer(x)
+    other, _ = build(kind)
+    randomise(other, seed=5)
+    layer.load_state_dict(lora.lora_state_dict(other), strict=False)
+    other.eval()
+    torch.testing.assert_close(layer(x), other(x))
+    assert not torch.allclose(layer(x), before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_with_float32_adapters(kind, dtype):
+    layer, x = build(kind, dtype=dtype)
+    assert layer.weight.dtype == dtype
+    # .to(dtype) casts everything; make the adapters float32 again, as the constructor makes them.
+    layer.lora_A.data = layer.lora_A.data.float()
+    layer.lora_B.data = layer.lora_B.data.float()
+    if x.is_floating_point():
+        x = x.requires_grad_()
+    layer.train()
+    y = layer(x)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+    assert layer.weight.grad is None
+    # Compare with a float64 computation of the same maths.
+    ref_layer = copy.deepcopy(layer).double()
+    ref_x = x.detach().double() if x.is_floating_point() else x
+    ref = ref_layer(ref_x)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=TOL[dtype] * max(scale, 1))
+
+
+def test_constructor_makes_float32_adapters_over_a_half_base():
+    layer = lora.Linear(8, 4, r=2, dtype=torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    layer = lora.Linear(8, 4, r=2, dtype=torch.bfloat16, adapter_dtype=torch.bfloat16)
+    assert layer.lora_A.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "make, cls, args",
+    [
+        (lambda: nn.Linear(8, 6), lora.Linear, {}),
+        (lambda: nn.Linear(8, 12, bias=False), lora.MergedLinear, {"split_sizes": (6, 3, 3)}),
+        (lambda: nn.Embedding(10, 4, padding_idx=0), lora.Embedding, {}),
+        (lambda: nn.Conv1d(3, 4, 3, stride=2), lora.Conv1d, {}),
+        (lambda: nn.Conv2d(4, 4, (3, 1), groups=2), lora.Conv2d, {}),
+        (lambda: nn.Conv3d(3, 4, 1), lora.Conv3d, {}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_module_shares_the_weight_without_copying(make, cls, args, dtype):
+    torch.manual_seed(0)
+    base = make().to(dtype)
+    weight, bias = base.weight, getattr(base, "bias", None)
+    before = weight.detach().clone()
+    layer = cls.from_module(base, r=2, lora_alpha=4, **args)
+    assert layer.weight is weight and layer.weight.data_ptr() == weight.data_ptr()
+    assert getattr(layer, "bias", None) is bias
+    assert torch.equal(layer.weight, before)  # not re-initialised
+    assert not layer.weight.requires_grad
+    assert layer.lora_A.dtype == torch.float32
+    assert "lora_A" not in base._parameters  # the original module is untouched
+    x = torch.randint(0, 10, (2, 3)) if cls is lora.Embedding else torch.randn(
+        {lora.Linear: (2, 8), lora.MergedLinear: (2, 8), lora.Conv1d: (1, 3, 9), lora.Conv2d: (1, 4, 5, 5),
+         lora.Conv3d: (1, 3, 2, 2, 2)}[cls]).to(dtype)
+    torch.testing.assert_close(layer(x), base(x))  # B = 0: the base's output
+    with torch.device("meta"):
+        meta_base = make()
+    meta_layer = cls.from_module(meta_base, r=2, **args)
+    assert meta_layer.weight is meta_base.weight and meta_layer.lora_A.is_meta
+
+
+def test_from_module_rejects_wrong_types_before_changing_anything():
+    base = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="Linear.from_module expects an nn.Linear; got Conv1d"):
+        lora.Linear.from_module(nn.Conv1d(4, 4, 1), r=2)
+    with pytest.raises(TypeError, match="Conv2d.from_module expects an nn.Conv2d; got Conv1d"):
+        lora.Conv2d.from_module(nn.Conv1d(4, 4, 1), r=2)
+    with pytest.raises(ValueError, match="r must be a non-negative int"):
+        lora.Linear.from_module(base, r=-1)
+    assert base.weight.requires_grad
+
+
+def test_merged_linear_never_builds_the_full_delta():
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(ret.alias_info is not None for ret in func._schema.returns):
+                return out  # a view of an existing tensor allocates nothing
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.add(tuple(t.shape))
+            return out
+
+    layer = lora.MergedLinear(48, 96, r=4, enable_lora=(True, False, True), split_sizes=(64, 16, 16))
+    randomise(layer)
+    x = torch.randn(5, 48, requires_grad=True)
+    with Shapes() as mode:
+        layer(x).sum().backward()
+    assert (96, 48) not in mode.shapes and (48, 96) not in mode.shapes
+
+
+def test_merged_linear_lora_b_layout():
+    equal = lora.MergedLinear(8, 12, r=2, enable_lora=(True, False, True))
+    assert equal.lora_A.shape == (4, 8) and equal.lora_B.shape == (8, 2)
+    gqa = lora.MergedLinear(8, 16, r=2, enable_lora=(True, True, False), split_sizes=(8, 4, 4))
+    assert gqa.lora_B.shape == (12, 2)
+
+
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear", "Conv2d"])
+def test_dropout_is_applied_in_train_mode_only(kind):
+    layer, x = build(kind, lora_dropout=0.5)
+    layer.merge_weights = False
+    layer.train()
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(2)
+    b = layer(x)
+    assert not torch.allclose(a, b)
+    torch.manual_seed(1)
+    torch.testing.assert_close(layer(x), a)  # seeded: repeatable
+    layer.eval()
+    c1, c2 = layer(x), layer(x)
+    torch.testing.assert_close(c1, c2)
+    # Dropout's expectation is the undropped output.
+    layer.train()
+    mean = torch.stack([layer(x) for _ in range(400)]).mean(0)
+    torch.testing.assert_close(mean, c1, rtol=0, atol=0.1 * c1.abs().max().item())
+
+
+def test_linear_dropout_matches_reference_with_the_same_mask():
+    from lora.lowrank import dropout_mask, dropout_threshold
+
+    layer, x = build("Linear", lora_dropout=0.2)
+    x = x.reshape(-1, 12).requires_grad_()
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+    torch.manual_seed(3)
+    y = layer(x)
+    y.square().sum().backward()
+    grads = [x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    mask = dropout_mask(seed, x.shape, 0.2, x.device)
+    keep = dropout_threshold(0.2)[1]
+    ref = layer.bias + x @ layer.weight.t() + (x.masked_fill(mask, 0) / keep) @ layer.lora_A.t() @ layer.lora_B.t() * 2
+    torch.testing.assert_close(y, ref)
+    ref.square().sum().backward()
+    for ours, theirs in zip(grads, [x.grad, layer.lora_A.grad, layer.lora_B.grad], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_dropout_module_is_called():
+    layer, x = build("Linear")
+    layer.lora_dropout = nn.Dropout1d(0.5)
+    layer.train()
+    layer.merge_weights = False
+    calls = []
+    layer.lora_dropout.register_forward_hook(lambda *a: calls.append(1))
+    layer(x)
+    assert calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_lora_parameters_get_gradients(kind):
+    layer, x = build(kind, lora_dropout=0.1) if kind != "Embedding" else build(kind)
+    model = nn.Sequential(layer)
+    lora.mark_only_lora_as_trainable(model)
+    out = model(x)
+    out.float().pow(2).mean().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    assert layer.weight.grad is None
+    assert getattr(layer, "bias", None) is None or layer.bias.grad is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pickle_and_deepcopy(kind):
+    layer, x = build(kind, lora_dropout=0.1) if kind != "Embedding" else build(kind)
+    layer.eval()
+    clone = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # pickles the module
+    unpickled = pickle.loads(pickle.dumps(layer))
+    for other in (clone, unpickled):
+        assert type(other) is type(layer)
+        torch.testing.assert_close(other(x), layer(x))
+
+
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear", "Embedding", "Conv2d"])
+def test_torch_compile(kind):
+    layer, x = build(kind, lora_dropout=0.1) if kind != "Embedding" else build(kind)
+    layer.merge_weights = False
+    layer.eval()
+    expected = layer(x)
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected)
+    layer.train()
+    compiled(x).float().sum().backward()
+    assert layer.lora_A.grad is not None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_non_reentrant(kind):
+    from torch.utils.checkpoint import checkpoint
+
+    layer, x = build(kind, lora_dropout=0.2) if kind != "Embedding" else build(kind)
+    layer.merge_weights = False
+    layer.train()
+    torch.manual_seed(7)
+    layer(x).float().square().sum().backward()
+    expected = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    checkpoint(layer, x, use_reentrant=False).float().square().sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, expected[0])
+    torch.testing.assert_close(layer.lora_B.grad, expected[1])
+
+
+def test_r_zero_is_a_plain_layer():
+    layer = lora.Linear(6, 4)
+    plain = nn.Linear(6, 4)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    layer.load_state_dict(plain.state_dict())
+    assert layer.weight.requires_grad
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(layer(x), plain(x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain(x))
+
+
+def test_use_rslora_scaling():
+    assert lora.Linear(4, 4, r=16, lora_alpha=32).scaling == 2.0
+    assert lora.Linear(4, 4, r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
+
+
+def test_train_and_eval_return_the_module():
+    layer = lora.Linear(4, 4, r=2)
+    assert layer.eval() is layer and layer.train() is layer
+
+
+# -- conv -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls, conv, kw",
+    [
+        (lora.Conv1d, nn.functional.conv1d, dict(kernel_size=5, stride=2, padding=2, dilation=1, groups=1)),
+        (lora.Conv1d, nn.functional.conv1d, dict(kernel_size=3, stride=1, padding=2, dilation=2, groups=2)),
+        (lora.Conv2d, nn.functional.conv2d, dict(kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=1, groups=1)),
+        (lora.Conv2d, nn.functional.conv2d, dict(kernel_size=3, stride=1, padding=1, dilation=2, groups=2)),
+        (lora.Conv3d, nn.functional.conv3d, dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=1)),
+        (lora.Conv3d, nn.functional.conv3d, dict(kernel_size=(1, 2, 3), stride=2, padding=0, dilation=1, groups=2)),
+    ],
+)
+def test_conv_any_kernel_equals_conv_with_merged_weight(cls, conv, kw):
+    torch.manual_seed(0)
+    layer = cls(4, 6, r=2, lora_alpha=4, **kw)
+    randomise(layer)
+    dims = {lora.Conv1d: (9,), lora.Conv2d: (9, 8), lora.Conv3d: (6, 7, 6)}[cls]
+    x = torch.randn(2, 4, *dims)
+    args = {k: v for k, v in kw.items() if k != "kernel_size"}
+    expected = conv(x, layer.weight + layer.delta_weight(), layer.bias, **args)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    if not layer.loralib_layout:
+        # True rank r as an (out, in/groups * K) matrix.
+        assert layer.lora_A.shape[0] == 2
+        assert torch.linalg.matrix_rank(layer.delta_weight().flatten(1)) <= 2
+
+
+def test_conv_keeps_the_conv_attribute_and_plain_keys():
+    layer = lora.Conv2d(3, 4, 3, r=2)
+    assert layer.conv is layer and isinstance(layer, nn.Conv2d)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    plain = nn.Conv2d(3, 4, 3)
+    layer.load_state_dict(plain.state_dict(), strict=False)
+    assert torch.equal(layer.weight, plain.weight)
+
+
+def test_convlora_spelling_builds_the_matching_class():
+    layer = lora.ConvLoRA(nn.Conv3d, 2, 3, 1, r=2)
+    assert type(layer) is lora.Conv3d and layer.lora_A.shape == (2, 2)
+    with pytest.raises(TypeError, match="ConvLoRA expects nn.Conv1d, nn.Conv2d or nn.Conv3d first"):
+        lora.ConvLoRA(nn.Linear, 2, 3, 1)
+
+
+# -- embedding --------------------------------------------------------------------------------------
+
+
+def test_embedding_padding_row_has_no_delta():
+    layer = lora.Embedding(10, 4, r=2, padding_idx=3)
+    randomise(layer)
+    x = torch.tensor([[3, 1, 3]])
+    torch.testing.assert_close(layer(x)[0, 0], layer.weight[3])
+    assert torch.equal(layer.delta_weight()[3], torch.zeros(4))
+    with lora.merged(layer):
+        torch.testing.assert_close(layer(x)[0, 0], layer.weight[3])
+
+
+def test_embedding_max_norm_rewrites_neither_weight_nor_lora_a():
+    layer = lora.Embedding(10, 4, r=2, max_norm=0.5)
+    randomise(layer)
+    weight, a = layer.weight.detach().clone(), layer.lora_A.detach().clone()
+    out = layer(torch.tensor([1, 2, 3]))
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.lora_A, a)
+    base_rows = torch.nn.functional.embedding(torch.tensor([1, 2, 3]), weight.clone(), max_norm=0.5)
+    delta = layer.delta_weight()[[1, 2, 3]]
+    torch.testing.assert_close(out, base_rows + delta)
+
+
+def test_embedding_sparse_is_refused_with_r():
+    with pytest.raises(ValueError, match="sparse=True is not supported with r > 0"):
+        lora.Embedding(10, 4, r=2, sparse=True)
+    plain = lora.Embedding(10, 4, sparse=True)
+    plain(torch.tensor([1])).sum().backward()
+    assert plain.weight.grad.is_sparse
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(r=-1), ValueError, "r must be a non-negative int (0 means no LoRA); got -1"),
+        (dict(r=2.0), TypeError, "r must be a non-negative int (0 means no LoRA); got 2.0 of type float"),
+        (dict(r=True), TypeError, "r must be a non-negative int (0 means no LoRA); got True of type bool"),
+        (dict(r=2, lora_alpha=0), ValueError, "lora_alpha must be a positive, finite number; got 0"),
+        (dict(r=2, lora_alpha=-3.0), ValueError, "lora_alpha must be a positive, finite number; got -3.0"),
+        (dict(r=2, lora_alpha="8"), TypeError, "lora_alpha must be a positive number; got '8' of type str"),
+        (dict(r=2, lora_dropout=1.0), ValueError, "lora_dropout must be in [0, 1); got 1.0"),
+        (dict(r=2, lora_dropout=-0.1), ValueError, "lora_dropout must be in [0, 1); got -0.1"),
+    ],
+)
+@pytest.mark.parametrize("cls", [lora.Linear, lora.MergedLinear, lora.Conv2d])
+def test_bad_hyperparameters(cls, kwargs, error, message):
+    args = (4, 6, 1) if cls is lora.Conv2d else (4, 6)
+    if cls is lora.MergedLinear:
+        kwargs = dict(kwargs, enable_lora=(True, False))
+    with pytest.raises(error) as info:
+        cls(*args, **kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(enable_lora=(False, False)), ValueError,
+         "enable_lora=(False, False) enables no slice, so r=2 would add no adapter; "
+         "enable at least one slice or use r=0"),
+        (dict(enable_lora=(True, False, True, False, True)), ValueError,
+         "len(enable_lora)=5 must divide out_features=12; pass split_sizes for unequal slices"),
+        (dict(enable_lora=(True, False), split_sizes=(8, 3)), ValueError,
+         "split_sizes (8, 3) sum to 11, not out_features=12"),
+        (dict(enable_lora=(True, False), split_sizes=(12,)), ValueError,
+         "split_sizes has 1 entries but enable_lora has 2; they must match"),
+        (dict(enable_lora=(1, 0)), TypeError, "enable_lora must be a non-empty sequence of bools; got (1, 0)"),
+    ],
+)
+def test_bad_merged_linear_slices(kwargs, error, message):
+    with pytest.raises(error) as info:
+        lora.MergedLinear(4, 12, r=2, **kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_with_wrong_lora_shape_is_refused_before_loading(kind):
+    layer, _ = build(kind)
+    other, _ = build(kind, r=5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        layer.load_state_dict(other.state_dict())
+    expected_a, given_a = tuple(layer.lora_A.shape), tuple(other.lora_A.shape)
+    assert str(info.value) == (
+        f"shape mismatch for lora_A: this layer expects {expected_a} (r=3), the state dict has {given_a}"
+    )
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
