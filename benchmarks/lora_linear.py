@@ -1,0 +1,203 @@
+"""Forward + backward of one LoRA linear layer at Phi-3-mini's shapes, against the frozen layer.
+
+Times ``y = layer(x); y.backward(dy)`` with the input requiring grad and the base frozen, for:
+
+- ``floor``: the frozen ``nn.Linear`` alone (forward + input gradient);
+- ``lora``: ``lora.Linear`` (and ``lora.MergedLinear`` with q|k|v slices on the fused qkv shape);
+- ``peft``: PEFT's LoRA layer via ``get_peft_model`` (float32 adapters, as PEFT makes them);
+- ``loralib``: loralib 0.1.2's ``Linear`` / ``MergedLinear`` (its adapters take the base's dtype).
+
+Variants run interleaved, round after round, so the machine's noise hits them alike; each cell is
+the median over rounds as a ratio to the floor's median, with the spread (25th-75th percentile of
+the per-round ratios). ``saved MB`` is what a layer keeps for backward beyond the floor: the
+tensors autograd saves, counted once per storage, not counting the input or the parameters.
+
+    python benchmarks/lora_linear.py            # full: 512 tokens, r=16, alpha=32, float32 (+ bf16)
+    python benchmarks/lora_linear.py --quick    # tiny shapes, a few rounds: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import lora
+
+PHI3_MINI_SHAPES = [("qkv_proj", 3072, 9216), ("o_proj", 3072, 3072), ("gate_up_proj", 3072, 16384),
+                    ("down_proj", 8192, 3072)]
+QUICK_SHAPES = [("qkv_proj", 64, 192), ("o_proj", 64, 64), ("gate_up_proj", 64, 256), ("down_proj", 128, 64)]
+TARGETS = {  # (dtype, dropout) -> the most lora/floor may be
+    (torch.float32, True): 1.10, (torch.float32, False): 1.05,
+    (torch.bfloat16, True): 1.30, (torch.bfloat16, False): 1.12,
+}
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj: nn.Linear):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float) -> dict[str, nn.Module]:
+    dtype = base.weight.dtype
+    in_f, out_f = base.in_features, base.out_features
+    variants: dict[str, nn.Module] = {"floor": base}
+    variants["lora"] = lora.Linear.from_module(base, r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False)
+    if name == "qkv_proj":
+        third = out_f // 3
+        variants["lora merged"] = lora.MergedLinear.from_module(
+            base, (third, third, third), r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False)
+    try:
+        import peft
+
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
+        holder = _Holder(nn.Linear(in_f, out_f, bias=False, dtype=dtype, device="meta"))
+        holder.proj.weight = base.weight
+        variants["peft"] = peft.get_peft_model(holder, config)
+    except ImportError:
+        pass
+    try:
+        import loralib
+
+        ll = loralib.Linear(in_f, out_f, r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False, bias=False,
+                            device="meta")
+        ll.weight = base.weight
+        ll.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype).uniform_(-in_f**-0.5, in_f**-0.5))
+        ll.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype))
+        variants["loralib"] = ll
+        if name == "qkv_proj":
+            lm = loralib.MergedLinear(in_f, out_f, r=r, lora_alpha=alpha, lora_dropout=p, enable_lora=[True] * 3,
+                                      merge_weights=False, bias=False, device="meta")
+            lm.weight = base.weight
+            lm.lora_A = nn.Parameter(torch.empty(3 * r, in_f, dtype=dtype).uniform_(-in_f**-0.5, in_f**-0.5))
+            lm.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=dtype))
+            lm.lora_ind = torch.ones(out_f, dtype=torch.bool)
+            variants["loralib merged"] = lm
+    except ImportError:
+        pass
+    for module in variants.values():
+        module.train()
+        for pname, param in module.named_parameters():
+            param.requires_grad = "lora_" in pname
+    return variants
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in one forward, once per storage, minus input and parameters."""
+    exclude = [x, *module.parameters()]
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return total
+
+
+def bf16_is_slow(tokens: int) -> float:
+    """How much slower a frozen bf16 layer is than float32 here (CPUs without bf16 matmul units)."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base = nn.Linear(1024, 1024, bias=False, dtype=dtype).requires_grad_(False)
+        x = torch.randn(tokens, 1024, dtype=dtype, requires_grad=True)
+        base(x).sum().backward()
+        start = time.perf_counter()
+        base(x).sum().backward()
+        times[dtype] = time.perf_counter() - start
+    return times[torch.bfloat16] / times[torch.float32]
+
+
+def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int) -> list[dict]:
+    rows = []
+    for p in (0.05, 0.0):
+        for name, in_f, out_f in shapes:
+            torch.manual_seed(0)
+            base = nn.Linear(in_f, out_f, bias=False, dtype=dtype).requires_grad_(False)
+            variants = build_variants(base, name, r, alpha, p)
+            x = torch.randn(tokens, in_f, dtype=dtype, requires_grad=True)
+            dy = torch.randn(tokens, out_f, dtype=dtype)
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            for module in variants.values():  # warm-up
+                module(x).backward(dy)
+            for _ in range(rounds):
+                for key, module in variants.items():
+                    start = time.perf_counter()
+                    module(x).backward(dy)
+                    times[key].append(time.perf_counter() - start)
+            floor_saved = saved_bytes(base, x)
+            for key, module in variants.items():
+                ratios = [t / f for t, f in zip(times[key], times["floor"], strict=True)]
+                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                saved = saved_bytes(module, x) - floor_saved
+                rows.append(dict(dtype=str(dtype).removeprefix("torch."), dropout=p, shape=f"{name} {in_f}->{out_f}",
+                                 variant=key, ms=statistics.median(times[key]) * 1e3,
+                                 ratio=statistics.median(times[key]) / statistics.median(times["floor"]),
+                                 spread=(q[0], q[2]), saved_mb=saved / 2**20))
+    return rows
+
+
+def print_table(rows: list[dict], check: bool) -> None:
+    print("| dtype | dropout | shape | variant | median ms | x floor | spread (IQR) | x peft | saved MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    peft = {(r["dtype"], r["dropout"], r["shape"]): r["ratio"] for r in rows if r["variant"] == "peft"}
+    for row in rows:
+        vs_peft = peft.get((row["dtype"], row["dropout"], row["shape"]))
+        vs = f"{row['ratio'] / vs_peft:.3f}" if vs_peft and row["variant"] != "floor" else ""
+        print(f"| {row['dtype']} | {row['dropout']} | {row['shape']} | {row['variant']} | {row['ms']:.1f} | "
+              f"{row['ratio']:.3f} | {row['spread'][0]:.3f}-{row['spread'][1]:.3f} | {vs} | {row['saved_mb']:.1f} |")
+    if not check:
+        return
+    print()
+    for row in rows:
+        if row["variant"] != "lora":
+            continue
+        dtype = getattr(torch, row["dtype"])
+        target = TARGETS[(dtype, row["dropout"] > 0)]
+        verdict = "meets" if row["ratio"] <= target else "MISSES"
+        print(f"{row['dtype']} dropout {row['dropout']} {row['shape']}: lora {row['ratio']:.3f}x floor "
+              f"{verdict} the {target:.2f}x target")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds; no targets checked")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--dtypes", default="auto",
+                        help="comma-separated (float32,bfloat16); 'auto' skips bfloat16 on CPUs where a bf16 "
+                             "matmul is over 3x slower than float32")
+    args = parser.parse_args()
+    shapes, tokens, rounds = (QUICK_SHAPES, 32, 3) if args.quick else (PHI3_MINI_SHAPES, args.tokens, args.rounds)
+    if args.dtypes == "auto":
+        dtypes = [torch.float32, torch.bfloat16]
+        if not args.quick:
+            slowdown = bf16_is_slow(tokens)
+            if slowdown > 3:
+                dtypes = [torch.float32]
+                print(f"bfloat16 skipped: on this CPU a frozen bf16 nn.Linear step takes {slowdown:.1f}x the float32 "
+                      "one (no bf16 matmul units); pass --dtypes float32,bfloat16 to run it anyway\n")
+    else:
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    print(f"{tokens} tokens, r=16, alpha=32, {rounds} interleaved rounds, {torch.get_num_threads()} threads\n")
+    rows = []
+    for dtype in dtypes:
+        rows += run(dtype, shapes, tokens, rounds, r=16 if not args.quick else 4, alpha=32 if not args.quick else 8)
+    print_table(rows, check=not args.quick)
+
+
+if __name__ == "__main__":
+    main()
