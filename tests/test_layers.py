@@ -508,3 +508,49 @@ def test_state_dict_with_wrong_lora_shape_is_refused_before_loading(kind):
     )
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@given(
+    in_features=st.integers(1, 16),
+    out_features=st.integers(1, 16),
+    r=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    cycles=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_restore_and_save_load_round_trip_property(in_features, out_features, r, dtype, cycles, seed):
+    torch.manual_seed(seed)
+    layer = lora.Linear(in_features, out_features, r=r, lora_alpha=2 * r, dtype=dtype)
+    original = layer.weight.detach().clone()
+    for _ in range(cycles):
+        with torch.no_grad():
+            layer.lora_B.add_(torch.randn_like(layer.lora_B))
+        layer.eval()
+        layer.train()
+    assert torch.equal(layer.weight, original)
+    layer.eval()
+    x = torch.randn(2, in_features).to(dtype)
+    expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = lora.Linear(in_features, out_features, r=r, lora_alpha=2 * r, dtype=dtype)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.eval()
+    assert torch.equal(fresh(x), expected)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+
+
+@given(
+    kind=st.sampled_from(["Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]),
+    r=st.integers(1, 4),
+    bias=st.sampled_from(["none", "all", "lora_only"]),
+)
+def test_gradients_reach_exactly_the_trainable_parameters_property(kind, r, bias):
+    layer, x = build(kind, r=r)
+    lora.mark_only_lora_as_trainable(layer, bias=bias)
+    layer(x).float().square().sum().backward()
+    trainable = set(lora.lora_parameter_names(layer, bias))
+    for name, param in layer.named_parameters():
+        assert (param.grad is not None) == (name in trainable), name
