@@ -8,8 +8,8 @@ Times ``y = layer(x); y.backward(dy)`` with the input requiring grad and the bas
 - ``loralib``: loralib 0.1.2's ``Linear`` / ``MergedLinear`` (its adapters take the base's dtype).
 
 Variants run interleaved, round after round, so the machine's noise hits them alike; each cell is
-the median over rounds as a ratio to the floor's median, with the spread (25th-75th percentile of
-the per-round ratios). ``saved MB`` is what a layer keeps for backward beyond the floor: the
+the median over rounds of the ratio to the floor's time in the same round, with the spread (25th-75th
+percentile of those ratios). ``saved MB`` is what a layer keeps for backward beyond the floor: the
 tensors autograd saves, counted once per storage, not counting the input or the parameters.
 
     python benchmarks/lora_linear.py            # full: 512 tokens, r=16, alpha=32, float32 (+ bf16)
@@ -145,7 +145,7 @@ def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int
                 saved = saved_bytes(module, x) - floor_saved
                 rows.append(dict(dtype=str(dtype).removeprefix("torch."), dropout=p, shape=f"{name} {in_f}->{out_f}",
                                  variant=key, ms=statistics.median(times[key]) * 1e3,
-                                 ratio=statistics.median(times[key]) / statistics.median(times["floor"]),
+                                 ratio=statistics.median(ratios),
                                  spread=(q[0], q[2]), saved_mb=saved / 2**20))
     return rows
 

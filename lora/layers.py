@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 
-def _check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
+def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``r``, ``lora_alpha`` and ``lora_dropout`` are valid."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be a non-negative int (0 means no LoRA); got {r!r} of type {type(r).__name__}")
     if r < 0:
@@ -77,7 +78,7 @@ class LoRALayer:
     def __init__(
         self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, *, use_rslora: bool = False
     ) -> None:
-        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
@@ -220,7 +221,7 @@ class Linear(LoRALayer, nn.Linear):
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -255,7 +256,7 @@ class Linear(LoRALayer, nn.Linear):
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
-        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         layer = _adopt(cls, module)
         LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
@@ -354,7 +355,7 @@ class MergedLinear(Linear):
         **kwargs: Any,
     ) -> None:
         enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
-        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -395,7 +396,7 @@ class MergedLinear(Linear):
         if enable_lora is None:
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
-        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         layer = _adopt(cls, module)
         LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
@@ -472,7 +473,7 @@ class Embedding(LoRALayer, nn.Embedding):
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_hyperparameters(r, lora_alpha, 0.0)
+        check_hyperparameters(r, lora_alpha, 0.0)
         if r > 0 and kwargs.get("sparse"):
             raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
@@ -495,7 +496,7 @@ class Embedding(LoRALayer, nn.Embedding):
         """Wrap ``module`` without copying: the layer shares its ``weight`` Parameter."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
-        _check_hyperparameters(r, lora_alpha, 0.0)
+        check_hyperparameters(r, lora_alpha, 0.0)
         if r > 0 and module.sparse:
             raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
         layer = _adopt(cls, module)
@@ -585,7 +586,7 @@ class ConvLoRA(LoRALayer):
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.loralib_layout = self._is_loralib_layout(kernel_size)
@@ -615,7 +616,7 @@ class ConvLoRA(LoRALayer):
         if target is None or cls not in (ConvLoRA, target):
             expected = "an nn.Conv1d, nn.Conv2d or nn.Conv3d" if cls is ConvLoRA else f"an nn.{cls.__name__}"
             raise TypeError(f"{cls.__name__}.from_module expects {expected}; got {type(module).__name__}")
-        _check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         layer = _adopt(target, module)
         LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         ks = module.kernel_size

@@ -10,9 +10,12 @@ from lora.phi3.config import Phi3Config
 from lora.phi3.generation import default_stop_token_ids, generate
 from lora.phi3.loss import chunked_cross_entropy
 from lora.phi3.model import KVCache, Phi3ForCausalLM, Phi3Model
+from lora.phi3.patch import DEFAULT_TARGETS, PatchSummary, patch
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "KVCache",
+    "PatchSummary",
     "Phi3Config",
     "Phi3ForCausalLM",
     "Phi3Model",
@@ -20,5 +23,6 @@ __all__ = [
     "default_stop_token_ids",
     "from_pretrained",
     "generate",
+    "patch",
     "save_pretrained",
 ]

@@ -1,0 +1,132 @@
+"""The Phi-3 patcher on our model and on transformers' model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from phi3_tiny import TINY
+
+import lora
+from lora.phi3 import from_pretrained, patch
+from lora.phi3.patch import resolve_targets
+
+
+def randomise_adapters(model, seed=3):
+    # By sorted name: transformers registers o_proj before qkv_proj, we the other way round.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith(("lora_A", "lora_B")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("targets", [("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), ("q", "v"),
+                                     ("q_proj", "v_proj", "gate_proj", "down_proj")])
+def test_ours_and_transformers_patched_alike_give_the_same_logits(hf_checkpoint, kv_heads, targets):
+    hf, path = hf_checkpoint(num_key_value_heads=kv_heads)
+    ours = from_pretrained(path)
+    ours_summary = patch(ours, r=4, lora_alpha=8, lora_dropout=0.0, targets=targets)
+    hf_summary = patch(hf, r=4, lora_alpha=8, lora_dropout=0.0, targets=targets)
+    randomise_adapters(ours)
+    randomise_adapters(hf)
+    ids = torch.randint(3, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert ours_summary.trainable == hf_summary.trainable == trainable
+    assert trainable == sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    assert ours_summary.total == sum(p.numel() for p in ours.parameters())
+
+
+def test_slices_follow_the_config_under_gqa(hf_checkpoint):
+    _, path = hf_checkpoint(num_key_value_heads=2)
+    model = from_pretrained(path)
+    summary = patch(model, r=4, targets=("q", "v", "up"))
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, lora.MergedLinear)
+    assert qkv.split_sizes == (32, 16, 16) and qkv.enable_lora == (True, False, True)
+    assert tuple(qkv.lora_A.shape) == (8, 32) and tuple(qkv.lora_B.shape) == (48, 4)
+    gate_up = model.model.layers[0].mlp.gate_up_proj
+    assert gate_up.split_sizes == (48, 48) and gate_up.enable_lora == (False, True)
+    assert type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear
+    assert [row.slices for row in summary.rows[:2]] == ["q,v", "up"]
+    text = str(summary)
+    assert "model.layers.N.self_attn.qkv_proj" in text and "0-1" in text
+    assert f"trainable {summary.trainable:,} of {summary.total:,} parameters" in text
+
+
+def test_base_weights_are_shared_frozen_and_adapters_float32(hf_checkpoint):
+    _, path = hf_checkpoint()
+    model = from_pretrained(path, dtype=torch.bfloat16)
+    before = {n: (p.data_ptr(), p) for n, p in model.named_parameters()}
+    patch(model, r=4, layers=[1])
+    for name, param in model.named_parameters():
+        if name.endswith(("lora_A", "lora_B")):
+            assert param.requires_grad and param.dtype == torch.float32
+            assert ".layers.1." in name
+        else:
+            assert not param.requires_grad
+            assert before[name][1] is param and before[name][0] == param.data_ptr()
+    assert model.model.layers[1].mlp.down_proj.merge_weights is False
+    out = model(torch.randint(3, 100, (1, 5)))
+    assert out.dtype == torch.bfloat16
+
+
+def test_layers_and_defaults(hf_checkpoint):
+    _, path = hf_checkpoint()
+    model = from_pretrained(path)
+    patch(model)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, lora.Linear) and not isinstance(layer.self_attn.qkv_proj,
+                                                                                 lora.MergedLinear)
+    assert layer.self_attn.qkv_proj.r == 16 and layer.self_attn.qkv_proj.scaling == 2.0
+    assert layer.mlp.down_proj.lora_dropout.p == 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(targets=("qkv", "o_proj")), ValueError,
+         "unknown target 'qkv'; valid targets are qkv_proj, o_proj, gate_up_proj, down_proj, q, k, v, gate, up, "
+         "q_proj, k_proj, v_proj, gate_proj, up_proj"),
+        (dict(targets=("qkv_proj", "q_proj")), ValueError,
+         "target 'q_proj' and its module 'qkv_proj' both named; pick one or the other"),
+        (dict(targets=("v", "qkv_proj")), ValueError,
+         "target 'qkv_proj' and its slices ('v',) both named; pick one or the other"),
+        (dict(targets=()), ValueError, "targets is empty; name at least one of qkv_proj, o_proj, gate_up_proj, "
+         "down_proj, q, k, v, gate, up, q_proj, k_proj, v_proj, gate_proj, up_proj"),
+        (dict(r=0), ValueError, "r must be at least 1 to patch a model; got 0"),
+        (dict(r=-2), ValueError, "r must be a non-negative int (0 means no LoRA); got -2"),
+        (dict(lora_alpha=0), ValueError, "lora_alpha must be a positive, finite number; got 0"),
+        (dict(lora_dropout=1.5), ValueError, "lora_dropout must be in [0, 1); got 1.5"),
+        (dict(layers=[0, 2]), ValueError, "layers must hold layer indices in [0, 2); got 2"),
+        (dict(layers=[]), ValueError, "nothing to patch: no module matches the targets and layers given"),
+    ],
+)
+def test_bad_arguments_change_nothing(hf_checkpoint, kwargs, error, message):
+    _, path = hf_checkpoint()
+    model = from_pretrained(path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(error) as info:
+        patch(model, **kwargs)
+    assert str(info.value) == message
+    assert not any(isinstance(m, lora.LoRALayer) for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_patching_twice_is_an_error(hf_checkpoint):
+    _, path = hf_checkpoint()
+    model = from_pretrained(path)
+    patch(model, r=2)
+    with pytest.raises(ValueError) as info:
+        patch(model, r=2)
+    assert str(info.value) == "the model is already patched (it has LoRA layers); load a fresh model to patch again"
+
+
+def test_resolve_targets_merges_aliases():
+    assert resolve_targets(("q_proj", "v", "o_proj")) == {"qkv_proj": ("q", "v"), "o_proj": None}
+    assert resolve_targets("down_proj") == {"down_proj": None}
