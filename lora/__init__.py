@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .adapter import AdapterMismatchError, load_adapter, save_adapter
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
 from .merging import disable_adapters, merge_lora, merged, merged_state_dict, unmerge_lora
 from .trainable import lora_parameter_names, lora_state_dict, mark_only_lora_as_trainable
@@ -35,6 +36,9 @@ __all__ = [
     "merged",
     "merged_state_dict",
     "disable_adapters",
+    "save_adapter",
+    "load_adapter",
+    "AdapterMismatchError",
 ]
 
 

@@ -1,0 +1,200 @@
+"""Adapter files: one safetensors file holding only the LoRA tensors, with what is needed to check them.
+
+The header metadata (strings, as safetensors requires) holds:
+
+- ``format``: ``"lora-adapter"``, ``format_version``: ``"1"``;
+- ``layers``: JSON, for each adapted module its class, ``r``, ``lora_alpha``, ``use_rslora``, dropout and,
+  for a ``MergedLinear``, its ``split_sizes`` and ``enable_lora``;
+- ``fingerprint``: JSON, the base model's architecture fields (from ``model.config`` when it has one) and
+  the name, shape and dtype of every adapted weight.
+
+Loading checks the layout (every tensor's name and shape, every module's r/alpha/slices) before it copies
+anything, then the fingerprint; nothing is read with pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .layers import LoRALayer, MergedLinear
+from .trainable import lora_state_dict
+
+__all__ = ["save_adapter", "load_adapter", "adapter_metadata", "AdapterMismatchError", "atomic_write"]
+
+FORMAT = "lora-adapter"
+FORMAT_VERSION = "1"
+# Fields of a transformer config that change what an adapter means even when every shape agrees
+# (a 4k adapter on a 128k base: same shapes, other positions).
+ARCHITECTURE_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "original_max_position_embeddings",
+    "rope_theta", "rope_type", "partial_rotary_factor", "short_factor", "long_factor", "sliding_window",
+    "tie_word_embeddings",
+)
+
+
+_SAME_WAY = "is the model patched the way it was when the adapter was saved?"
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter file does not fit the model it is loaded into."""
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config):
+        data = dataclasses.asdict(config)
+    elif hasattr(config, "to_dict"):
+        data = config.to_dict()
+    elif isinstance(config, dict):
+        data = dict(config)
+    else:
+        data = dict(vars(config))
+    # transformers 5 keeps rope settings in `rope_parameters` (4: `rope_scaling` + `rope_theta`).
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    if isinstance(rope, dict):
+        for key in ("rope_theta", "partial_rotary_factor", "short_factor", "long_factor"):
+            if data.get(key) is None and rope.get(key) is not None:
+                data[key] = rope[key]
+        rope_type = rope.get("rope_type") or rope.get("type")
+        if data.get("rope_type") is None and rope_type is not None:
+            data["rope_type"] = "longrope" if rope_type in ("su", "yarn") else rope_type
+    if data.get("head_dim") is None and data.get("hidden_size") and data.get("num_attention_heads"):
+        data["head_dim"] = data["hidden_size"] // data["num_attention_heads"]
+    if data.get("num_key_value_heads") is None and data.get("num_attention_heads"):
+        data["num_key_value_heads"] = data["num_attention_heads"]
+    data.setdefault("rope_type", "default")
+    return data
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The base model's architecture fields and the name, shape and dtype of every adapted weight."""
+    config = _config_dict(getattr(model, "config", None))
+    architecture = {key: config.get(key) for key in ARCHITECTURE_FIELDS if key in config}
+    weights = {
+        name: [list(layer.weight.shape), str(layer.weight.dtype).removeprefix("torch.")]
+        for name, layer in _lora_layers(model)
+    }
+    return {"architecture": architecture, "weights": weights}
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora]
+
+
+def _layer_entry(layer: LoRALayer) -> dict[str, Any]:
+    dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+    entry = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
+             "use_rslora": layer.use_rslora, "lora_dropout": dropout}
+    if isinstance(layer, MergedLinear):
+        entry.update(split_sizes=list(layer.split_sizes), enable_lora=list(layer.enable_lora))
+    return entry
+
+
+def adapter_metadata(model: nn.Module) -> dict[str, str]:
+    """The header metadata ``save_adapter`` writes for ``model``."""
+    layers = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True),
+            "fingerprint": json.dumps(fingerprint(model), sort_keys=True)}
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(temporary_path)``, fsync the file, then rename it to ``path``: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s adapters (``lora_A``/``lora_B`` of every LoRA layer) to one safetensors file.
+
+    >>> lora.save_adapter(model, "adapter.safetensors")  # doctest: +SKIP
+    """
+    tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no LoRA layers with r > 0: there is no adapter to save")
+    metadata = adapter_metadata(model)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such adapter file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file (corrupt or truncated?): {error}") from error
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a lora adapter file (metadata format is {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r}); for PEFT adapters use lora.phi3.load_peft_adapter")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: adapter format version {metadata.get('format_version')!r} is not supported "
+                         f"(this library reads version {FORMAT_VERSION})")
+    return metadata, tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprint: bool = False) -> None:
+    """Load an adapter file written by ``save_adapter`` into an identically patched ``model``.
+
+    Raises ``AdapterMismatchError`` naming the first tensor or module that does not match, and, when every
+    shape matches but the base model differs (say a 4k adapter onto a 128k base), naming the differing
+    fields; ``ignore_fingerprint=True`` loads anyway. Nothing is copied unless everything matches.
+    """
+    path = Path(path)
+    metadata, tensors = _read(path)
+    saved_layers = json.loads(metadata["layers"])
+    own = lora_state_dict(model)
+    for name in sorted(set(tensors) | set(own)):
+        if name not in own:
+            raise AdapterMismatchError(f"{path}: tensor {name!r} has no place in the model ({_SAME_WAY})")
+        if name not in tensors:
+            raise AdapterMismatchError(f"{path}: the model's {name!r} is not in the file ({_SAME_WAY})")
+        if tensors[name].shape != own[name].shape:
+            raise AdapterMismatchError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                                       f"the model's is {tuple(own[name].shape)}")
+    current = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
+    for name in sorted(current):
+        for key in ("class", "r", "lora_alpha", "use_rslora", "split_sizes", "enable_lora"):
+            saved, have = saved_layers.get(name, {}).get(key), current[name].get(key)
+            if saved != have:
+                raise AdapterMismatchError(f"{path}: module {name!r} was saved with {key}={saved!r}, "
+                                           f"the model has {key}={have!r}")
+    if not ignore_fingerprint:
+        saved_print, have_print = json.loads(metadata["fingerprint"]), fingerprint(model)
+        differing = []
+        for section in ("architecture", "weights"):
+            a, b = saved_print.get(section, {}), have_print.get(section, {})
+            differing += [f"{key}: file {a.get(key)!r}, model {b.get(key)!r}"
+                          for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+        if differing:
+            raise AdapterMismatchError(
+                f"{path}: the adapter was trained on a different base model; differing fields: "
+                + "; ".join(differing) + ". Pass ignore_fingerprint=True to load it anyway")
+    model.load_state_dict(tensors, strict=False)
