@@ -118,7 +118,8 @@ def test_base_dtype_is_part_of_the_fingerprint(tmp_path):
     lora.save_adapter(trained(), tmp_path / "a.safetensors")
     half = trained()
     half.out.weight.data = half.out.weight.data.bfloat16()
-    with pytest.raises(lora.AdapterMismatchError, match=r"out: file \[\[8, 24\], 'float32'\], model \[\[8, 24\], 'bfloat16'\]"):
+    expected = r"out: file \[\[8, 24\], 'float32'\], model \[\[8, 24\], 'bfloat16'\]"
+    with pytest.raises(lora.AdapterMismatchError, match=expected):
         lora.load_adapter(half, tmp_path / "a.safetensors")
 
 
