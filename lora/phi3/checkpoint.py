@@ -224,7 +224,7 @@ def save_pretrained(
     root = Path(path)
     max_bytes = _parse_size(max_shard_size)
     tensors = {
-        name: tensor.detach().contiguous().cpu()
+        name: tensor.detach()
         for name, tensor in model.state_dict().items()
         if not (model.config.tie_word_embeddings and name == "lm_head.weight")
     }
@@ -245,7 +245,9 @@ def save_pretrained(
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; it may become the checkpoint directory itself
         for name, shard in zip(names, shards, strict=True):
-            save_file(shard, tmp / name, metadata={"format": "pt"})
+            # One shard at a time on the host: a GPU model never needs a full CPU copy.
+            host = {k: t.contiguous().cpu() for k, t in shard.items()}
+            save_file(host, tmp / name, metadata={"format": "pt"})
         if len(shards) > 1:
             weight_map = {t: name for name, shard in zip(names, shards, strict=True) for t in shard}
             total = sum(t.numel() * t.element_size() for t in tensors.values())
