@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from phi3_tiny import TINY
+from phi3_tiny import TINY, longrope
 from safetensors.torch import load_file, save_file
 
 import lora.phi3.checkpoint as checkpoint
@@ -227,3 +227,21 @@ def test_copy_of_directory_loads(tiny_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_dir, copy)
     assert from_pretrained(copy).name_or_path == str(copy)
+
+
+def test_longrope_v4_su_config_loads_and_saves_for_transformers(hf_checkpoint, tmp_path: Path) -> None:
+    # The Hub's April 2024 128k files: transformers-4 spelling with "su"; transformers 5 itself rejects them.
+    hf, path = hf_checkpoint(**longrope(8, original=16, maximum=64))
+    v5 = json.loads((path / "config.json").read_text())
+    rope = v5.pop("rope_parameters")
+    v4 = {**v5, "rope_theta": rope["rope_theta"], "torch_dtype": v5.pop("dtype")}
+    v4["rope_scaling"] = {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+    (path / "config.json").write_text(json.dumps(v4))
+    model = from_pretrained(path)
+    ids = torch.randint(3, TINY["vocab_size"], (1, 30))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-5
+    save_pretrained(model, tmp_path / "v5")
+    theirs = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "v5").eval()
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, hf(ids).logits)
