@@ -262,7 +262,7 @@ def test_dropout_is_applied_in_train_mode_only(kind):
 
 
 def test_linear_dropout_matches_reference_with_the_same_mask():
-    from lora.lowrank import dropout_mask, dropout_threshold
+    from lora.lowrank import dropout_positions
 
     layer, x = build("Linear", lora_dropout=0.2)
     x = x.reshape(-1, 12).requires_grad_()
@@ -273,8 +273,9 @@ def test_linear_dropout_matches_reference_with_the_same_mask():
     y.square().sum().backward()
     grads = [x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
     x.grad = layer.lora_A.grad = layer.lora_B.grad = None
-    mask = dropout_mask(seed, x.shape, 0.2, x.device)
-    keep = dropout_threshold(0.2)[1]
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask.view(-1)[dropout_positions(seed, x.numel(), 0.2, x.device)] = True
+    keep = 0.8
     ref = layer.bias + x @ layer.weight.t() + (x.masked_fill(mask, 0) / keep) @ layer.lora_A.t() @ layer.lora_B.t() * 2
     torch.testing.assert_close(y, ref)
     ref.square().sum().backward()
