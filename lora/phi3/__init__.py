@@ -11,6 +11,7 @@ from lora.phi3.generation import default_stop_token_ids, generate
 from lora.phi3.loss import chunked_cross_entropy
 from lora.phi3.model import KVCache, Phi3ForCausalLM, Phi3Model
 from lora.phi3.patch import DEFAULT_TARGETS, PatchSummary, patch
+from lora.phi3.peft_format import load_peft_adapter, save_peft_adapter
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -23,6 +24,8 @@ __all__ = [
     "default_stop_token_ids",
     "from_pretrained",
     "generate",
+    "load_peft_adapter",
     "patch",
+    "save_peft_adapter",
     "save_pretrained",
 ]

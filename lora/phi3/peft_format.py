@@ -1,0 +1,293 @@
+"""Phi-3 adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+PEFT puts one LoRA over each fused module: ``lora_A`` (R, in), ``lora_B`` (out, R), keys
+``base_model.model.<module>.lora_A.weight``, scaling ``lora_alpha / R`` (``/ sqrt(R)`` with rslora). A
+whole-module ``lora.Linear`` is exactly that. A per-slice ``lora.MergedLinear`` (say q and v of
+``qkv_proj``) is exported exactly too: its A blocks stacked (R = r * slices), its B blocks placed
+block-diagonally (zero rows for the slices without an adapter), and ``rank_pattern``/``alpha_pattern``
+entries so PEFT's scaling for that module equals ours. ``uniform_rank=True`` writes one rank for every
+module instead (A and B padded with zeros, each module's scaling folded into B, global scaling 1), for
+servers that ignore per-module patterns; vLLM is such a server as far as its documentation goes, but
+this machine cannot run vLLM, so that path is tested with PEFT only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lora.adapter import atomic_write
+from lora.layers import Linear, LoRALayer, MergedLinear
+from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs
+
+__all__ = ["save_peft_adapter", "load_peft_adapter", "peft_tensors"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+# PEFT options that change the maths or the saved modules; an adapter using any of them is refused.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "layer_replication": (None, []),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "use_qalora": (False, None),
+    "fan_in_fan_out": (False, None),
+}
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora]
+
+
+def _peft_pair(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (A, B) for one layer: (R, in) and (out, R), float32."""
+    A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
+    if not isinstance(layer, MergedLinear):
+        return A.clone(), B.clone()
+    r = layer.r
+    slices = layer._slices()
+    B_full = torch.zeros(layer.out_features, r * len(slices))
+    row = 0
+    for j, (offset, size) in enumerate(slices):
+        B_full[offset : offset + size, j * r : (j + 1) * r] = B[row : row + size]  # block-diagonal
+        row += size
+    return A.clone(), B_full
+
+
+def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the ``adapter_config.json`` content of ``model``'s adapters in PEFT's format."""
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: patch it (lora.phi3.patch) before saving an adapter")
+    for name, layer in layers:
+        if type(layer) not in (Linear, MergedLinear) or layer.fan_in_fan_out:
+            raise ValueError(f"{name}: only lora.Linear / lora.MergedLinear without fan_in_fan_out export to PEFT")
+    pairs = {name: _peft_pair(layer) for name, layer in layers}
+    ranks = {name: A.shape[0] for name, (A, _) in pairs.items()}
+    scalings = {name: layer.scaling for name, layer in layers}
+    rslora = {layer.use_rslora for _, layer in layers}
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    if uniform_rank:
+        R = max(ranks.values())
+        for name, (A, B) in pairs.items():
+            A_pad = torch.zeros(R, A.shape[1])
+            A_pad[: A.shape[0]] = A
+            B_pad = torch.zeros(B.shape[0], R)
+            B_pad[:, : B.shape[1]] = B * scalings[name]  # scaling folded in; global scaling is R / R = 1
+            pairs[name] = (A_pad, B_pad)
+        r, alpha, use_rslora = R, R, False
+    else:
+        first = layers[0][1]
+        r, alpha, use_rslora = first.r, first.lora_alpha, first.use_rslora
+        if len(rslora) > 1:
+            raise ValueError("PEFT has one use_rslora per adapter; this model mixes rslora and plain scaling")
+        for name in pairs:
+            global_scaling = alpha / (math.sqrt(ranks[name]) if use_rslora else ranks[name])
+            if ranks[name] != r or not math.isclose(scalings[name], global_scaling, rel_tol=1e-12):
+                rank_pattern[name] = ranks[name]
+                # PEFT computes alpha / R (or / sqrt(R)); choose alpha so that equals our scaling.
+                alpha_pattern[name] = scalings[name] * (math.sqrt(ranks[name]) if use_rslora else ranks[name])
+    for name, (A, B) in pairs.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    modules = sorted(pairs)
+    short = sorted({name.rsplit(".", 1)[1] for name in modules})
+    every_layer = {f"model.layers.{i}.{MODULE_NAMES[s][0]}.{s}" for s in short
+                   for i in range(len(model.model.layers))} == set(modules)
+    dropouts = {layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0 for _, layer in layers}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "use_rslora": use_rslora,
+        # Short names when every layer has the module (what vLLM expects); full names otherwise.
+        "target_modules": short if every_layer else modules,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    return tensors, config
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, uniform_rank: bool = False) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into the directory ``path``.
+
+    ``peft.PeftModel.from_pretrained(transformers_phi3, path)`` then reproduces this model's logits.
+    Each file is written atomically.
+    """
+    tensors, config = peft_tensors(model, uniform_rank=uniform_rank)
+    path = Path(path)
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no PEFT adapter config (expected {CONFIG_NAME} in {path})")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: not valid JSON: {error}") from error
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' is")
+    for key, allowed in _UNSUPPORTED.items():
+        if config.get(key) not in allowed:
+            raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported by lora.phi3")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported by lora.phi3 (only 'none')")
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            with safe_open(weights, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{weights}: not a readable safetensors file (corrupt or truncated?): {error}") from error
+    legacy = path / PICKLE_WEIGHTS_NAME
+    if legacy.is_file():
+        try:
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True): {error}") from error
+        return dict(state)
+    raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {PICKLE_WEIGHTS_NAME} found")
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    # PEFT matches a pattern key against the end of the module name, as a regex.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a PEFT LoRA adapter for Phi-3 from the directory ``path``.
+
+    Onto an unpatched model it patches first, from ``adapter_config.json`` (whole-module ``lora.Linear``
+    layers, PEFT's layout, with ``rank_pattern``/``alpha_pattern`` honoured). Onto a patched model the
+    layout must match: the same modules with the same rank and scaling (a ``MergedLinear`` accepts the
+    block-diagonal layout ``save_peft_adapter`` writes for it). Options this library does not implement
+    (``use_dora``, ``lora_bias``, ``modules_to_save``, ...) are refused by name.
+    """
+    path = Path(path)
+    config = _read_config(path)
+    raw = _read_tensors(path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"{path}: tensor {key!r} is not a LoRA weight of the form "
+                             f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{path}: module {module!r} has lora_{'B' if 'A' in pair else 'A'} missing")
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    use_rslora = bool(config.get("use_rslora", False))
+    scaling = {}
+    for module, pair in pairs.items():
+        rank = pair["A"].shape[0]
+        expected_rank = _pattern_value(config.get("rank_pattern") or {}, module, r_default)
+        if rank != expected_rank:
+            raise ValueError(f"{path}: {module}.lora_A has rank {rank}, the config says {expected_rank}")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
+        scaling[module] = alpha / (math.sqrt(rank) if use_rslora else rank)
+
+    named = dict(model.named_modules())
+    patched = any(isinstance(m, LoRALayer) for m in model.modules())
+    if not patched:
+        for module in sorted(pairs):
+            if type(named.get(module)) is not nn.Linear:
+                raise ValueError(f"{path}: adapter module {module!r} is not an nn.Linear of this model")
+        specs = []
+        for module, pair in sorted(pairs.items()):
+            rank = pair["A"].shape[0]
+            # lora_alpha chosen so that our scaling (alpha / r, or / sqrt(r)) is PEFT's.
+            alpha = scaling[module] * (math.sqrt(rank) if use_rslora else rank)
+            specs.append(ModuleSpec(module, rank, alpha, float(config.get("lora_dropout") or 0.0), use_rslora))
+        _check_shapes(path, pairs, named)
+        apply_specs(model, specs, torch.float32)
+        named = dict(model.named_modules())
+    own = {name for name, _ in _lora_layers(model)}
+    if own != set(pairs):
+        missing = sorted(own - set(pairs)) or sorted(set(pairs) - own)
+        raise ValueError(f"{path}: the adapter's modules differ from the model's LoRA layers, first: {missing[0]!r}")
+    updates = {}
+    for module, pair in sorted(pairs.items()):
+        layer = named[module]
+        updates[module] = _to_layer(path, module, layer, pair["A"], pair["B"], scaling[module])
+    with torch.no_grad():
+        for module, (A, B) in updates.items():
+            named[module].lora_A.copy_(A)
+            named[module].lora_B.copy_(B)
+            if named[module].merged:
+                named[module].merge()
+
+
+def _check_shapes(path: Path, pairs: dict[str, dict[str, torch.Tensor]], named: dict[str, nn.Module]) -> None:
+    for module, pair in sorted(pairs.items()):
+        base = named[module]
+        a_ok = pair["A"].shape[1] == base.in_features
+        b_ok = pair["B"].shape == (base.out_features, pair["A"].shape[0])
+        if not (a_ok and b_ok):
+            a_shape, b_shape = tuple(pair["A"].shape), tuple(pair["B"].shape)
+            raise ValueError(f"{path}: {module} has lora_A {a_shape} and lora_B {b_shape}; the model's layer "
+                             f"is ({base.out_features}, {base.in_features})")
+
+
+def _to_layer(path: Path, module: str, layer: LoRALayer, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """This layer's (lora_A, lora_B) from PEFT's (A, B), or an error if the layouts differ."""
+    if not math.isclose(layer.scaling, scaling, rel_tol=1e-6):
+        raise ValueError(f"{path}: {module} has scaling {scaling} in the adapter, {layer.scaling} in the model")
+    if isinstance(layer, MergedLinear):
+        r, slices = layer.r, layer._slices()
+        if A.shape != layer.lora_A.shape or B.shape != (layer.out_features, r * len(slices)):
+            raise ValueError(f"{path}: {module} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}; the model's "
+                             f"per-slice layer needs {tuple(layer.lora_A.shape)} / "
+                             f"{(layer.out_features, r * len(slices))}")
+        blocks, mask = [], torch.zeros_like(B, dtype=torch.bool)
+        for j, (offset, size) in enumerate(slices):
+            blocks.append(B[offset : offset + size, j * r : (j + 1) * r])
+            mask[offset : offset + size, j * r : (j + 1) * r] = True
+        outside = B.masked_select(~mask)
+        if outside.numel() and outside.abs().max() > 0:
+            raise ValueError(f"{path}: {module}'s lora_B is not block-diagonal over the model's slices, so it "
+                             "cannot load into a per-slice layer; load it onto an unpatched model instead")
+        return A, torch.cat(blocks, dim=0)
+    if A.shape != layer.lora_A.shape or B.shape != layer.lora_B.shape:
+        raise ValueError(f"{path}: {module} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}; the model's "
+                         f"layer has {tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}")
+    return A, B
