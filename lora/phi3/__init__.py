@@ -9,6 +9,7 @@ from lora.phi3.checkpoint import from_pretrained, save_pretrained
 from lora.phi3.config import Phi3Config
 from lora.phi3.generation import default_stop_token_ids, generate
 from lora.phi3.loss import chunked_cross_entropy
+from lora.phi3.merge import MergeVerificationError, merge_and_save
 from lora.phi3.model import KVCache, Phi3ForCausalLM, Phi3Model
 from lora.phi3.patch import DEFAULT_TARGETS, PatchSummary, patch
 from lora.phi3.peft_format import load_peft_adapter, save_peft_adapter
@@ -16,6 +17,7 @@ from lora.phi3.peft_format import load_peft_adapter, save_peft_adapter
 __all__ = [
     "DEFAULT_TARGETS",
     "KVCache",
+    "MergeVerificationError",
     "PatchSummary",
     "Phi3Config",
     "Phi3ForCausalLM",
@@ -25,6 +27,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "load_peft_adapter",
+    "merge_and_save",
     "patch",
     "save_peft_adapter",
     "save_pretrained",

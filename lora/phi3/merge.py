@@ -1,0 +1,187 @@
+"""Merge the adapters into the base weights and write a plain checkpoint that transformers loads.
+
+The merged weights are computed and written one tensor at a time, straight into safetensors files, so
+the model is never held twice in memory. Before the directory is renamed into place, the written
+checkpoint is loaded back (memory-mapped) and its logits on a fixed probe batch are compared with the
+adapted model's; a difference beyond the dtype's tolerance raises instead of leaving a merged model
+that behaves differently from adapter + base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora.layers import LoRALayer
+from lora.phi3.checkpoint import _parse_size, from_pretrained
+
+__all__ = ["merge_and_save", "MergeVerificationError"]
+
+# Files of a checkpoint directory that are not weights, copied beside the merged model.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+)
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# max |merged - adapted| logits allowed, relative to max(1, max |logits|): merging rounds W + delta once
+# to the weight's dtype, which the adapted forward never does.
+_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+class MergeVerificationError(RuntimeError):
+    """The merged checkpoint's logits differ from adapter + base beyond tolerance; nothing was written."""
+
+
+def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, Callable[[], torch.Tensor]]]:
+    """(name, shape, dtype, produce) for every tensor of the plain checkpoint, in state-dict order."""
+    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    plan = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        module_name, _, leaf = name.rpartition(".")
+        if leaf in ("lora_A", "lora_B") and module_name in lora_layers:
+            continue
+        if tied and name == "lm_head.weight":
+            continue
+        layer = lora_layers.get(module_name)
+        if layer is not None and leaf == "weight" and layer.has_lora:
+            produce = layer.merged_weight_tensor
+        else:
+            produce = tensor.detach
+        plan.append((name, tensor.shape, tensor.dtype, produce))
+    return plan
+
+
+def _write_safetensors(path: Path, items: list[tuple[str, torch.Size, torch.dtype, Callable[[], torch.Tensor]]]):
+    """Write a safetensors file, computing each tensor just before its bytes are written."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in items:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be written (float32, bfloat16 or float16 expected)")
+        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name, shape, dtype, produce in items:
+            tensor = produce().detach().to("cpu").contiguous()
+            if tensor.shape != shape or tensor.dtype != dtype:
+                raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                                   f"expected {tuple(shape)} {dtype}")
+            f.write(memoryview(tensor.view(torch.uint8).numpy()))
+            del tensor
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+def merge_and_save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    probe_ids: torch.Tensor | None = None,
+    tolerance: float | None = None,
+) -> float:
+    """Write ``model`` with every adapter merged as a plain Phi-3 checkpoint directory at ``path``.
+
+    ``model`` itself stays unmerged. Tokenizer files and ``generation_config.json`` of the directory the
+    model was loaded from are copied beside it. Returns the largest |logit| difference between the
+    written checkpoint and adapter + base on ``probe_ids`` (default: a fixed 2 x 16 batch); raises
+    ``MergeVerificationError`` and writes nothing when it exceeds ``tolerance`` (default by dtype:
+    1e-4 for float32, 3e-2 for bfloat16, relative to the logits' scale). ``path`` must not exist yet,
+    or be an empty directory.
+
+    >>> diff = merge_and_save(model, "phi3-merged")  # doctest: +SKIP
+    """
+    root = Path(path)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root}: already exists and is not an empty directory; choose a new path")
+    if not any(isinstance(m, LoRALayer) and m.has_lora for m in model.modules()):
+        raise ValueError("the model has no adapters to merge (patch it or load an adapter first)")
+    max_bytes = _parse_size(max_shard_size)
+    plan = _tensor_plan(model)
+    shards: list[list] = [[]]
+    size = 0
+    for item in plan:
+        nbytes = item[1].numel() * torch.empty((), dtype=item[2]).element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    vocab = int(model.config.vocab_size)
+    ids = probe_ids if probe_ids is not None else (torch.arange(32).view(2, 16) * 7919 + 11) % vocab
+    was_training = model.training
+    model.eval()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        with torch.no_grad():
+            expected = _logits(model, ids)
+        for name, shard in zip(names, shards, strict=True):
+            _write_safetensors(tmp / name, shard)
+        if len(shards) > 1:
+            weight_map = {item[0]: name for name, shard in zip(names, shards, strict=True) for item in shard}
+            total = sum(item[1].numel() * torch.empty((), dtype=item[2]).element_size() for item in plan)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = model.config.to_dict()
+        dtypes = {item[2] for item in plan}
+        if len(dtypes) == 1:
+            config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        source = getattr(model, "name_or_path", None)
+        source = Path(source) if source and Path(source).is_dir() else None
+        for side in SIDE_FILES:
+            if source is not None and (source / side).is_file():
+                shutil.copy2(source / side, tmp / side)
+        if not (tmp / "generation_config.json").exists():
+            generation = getattr(model, "generation_config", None)
+            generation = generation.to_dict() if hasattr(generation, "to_dict") else dict(generation or {})
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+
+        merged = from_pretrained(tmp)
+        with torch.no_grad():
+            actual = _logits(merged, ids)
+        del merged
+        difference = (actual - expected).abs().max().item()
+        weight_dtype = next(item[2] for item in plan if item[0].endswith("proj.weight"))
+        limit = tolerance if tolerance is not None else _TOLERANCE[weight_dtype] * max(1.0, expected.abs().max().item())
+        if not difference <= limit:
+            raise MergeVerificationError(
+                f"merged checkpoint's logits differ from adapter + base by {difference:.3g} on the probe batch "
+                f"(allowed {limit:.3g}); nothing was written to {root}")
+        for name in sorted(os.listdir(tmp)):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if root.exists():
+            root.rmdir()
+        os.replace(tmp, root)
+        root.chmod(0o755)
+        return difference
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.train(was_training)
