@@ -150,9 +150,7 @@ def child(impl: str, path: Path, tokens: int, logits_out: Path) -> None:
     done = time.perf_counter()
     torch.save(logits[0, -1].float().clone(), logits_out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(
-        json.dumps({"load_s": loaded - start, "total_s": done - start, "rss": peak, "rss_before": rss_before})
-    )
+    print(json.dumps({"load_s": loaded - start, "total_s": done - start, "rss": peak, "rss_before": rss_before}))
 
 
 def _run_child(impl: str, root: Path, tokens: int, logits_out: Path) -> dict:
@@ -165,9 +163,7 @@ def _run_child(impl: str, root: Path, tokens: int, logits_out: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny config, one repeat, no targets checked")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every measurement")
     parser.add_argument("--tokens", type=int, default=128, help="length of the first forward")
@@ -210,9 +206,7 @@ def main() -> int:
         diff = (torch.load(work / "lora.pt") - torch.load(work / "transformers.pt")).abs().max().item()
 
         print(f"\nmedian of {repeats} run(s) each; RSS = peak resident set / weight bytes ({weight_bytes:,})")
-        header = (
-            f"{'loader':<13}{'cache':<7}{'load s':>9}{'load+fwd s':>12}{'peak RSS GB':>13}{'RSS/weights':>13}"
-        )
+        header = f"{'loader':<13}{'cache':<7}{'load s':>9}{'load+fwd s':>12}{'peak RSS GB':>13}{'RSS/weights':>13}"
         print(header)
         print("-" * len(header))
         summary = {}
@@ -221,9 +215,7 @@ def main() -> int:
             total = statistics.median(r["total_s"] for r in results)
             rss = max(r["rss"] for r in results)
             summary[impl, mode] = (total, rss / weight_bytes)
-            print(
-                f"{impl:<13}{mode:<7}{load:>9.2f}{total:>12.2f}{rss / 1e9:>13.2f}{rss / weight_bytes:>13.3f}"
-            )
+            print(f"{impl:<13}{mode:<7}{load:>9.2f}{total:>12.2f}{rss / 1e9:>13.2f}{rss / weight_bytes:>13.3f}")
         print(f"\nlast-token logits, lora vs transformers: max |diff| = {diff:.3g}")
         failures = []
         for mode in ("cold", "warm"):

@@ -41,6 +41,14 @@ _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
+def _open(path: Path, backend: str = "mmap") -> Any:
+    """`safe_open` whose errors (a truncated or corrupt file) name the file."""
+    try:
+        return safe_open(path, framework="pt", backend=backend)
+    except Exception as err:  # safetensors raises its own SafetensorError and OSErrors
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def _weight_files(root: Path) -> dict[str, Path]:
     """Map each tensor name to its file, from the index when there is one; errors name the missing file."""
     index = root / INDEX_NAME
@@ -55,7 +63,7 @@ def _weight_files(root: Path) -> dict[str, Path]:
         return files
     single = root / SINGLE_FILE_NAME
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise FileNotFoundError(f"{root}: neither {INDEX_NAME} nor {SINGLE_FILE_NAME} found")
 
@@ -64,7 +72,7 @@ def _read_headers(files: dict[str, Path]) -> dict[str, tuple[list[int], str]]:
     """Shape and safetensors dtype string of every tensor the index promises, checked against the files."""
     headers: dict[str, tuple[list[int], str]] = {}
     for path in sorted(set(files.values())):
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             present = set(f.keys())
             for name in (n for n, p in files.items() if p == path):
                 if name not in present:
@@ -82,9 +90,7 @@ def _check_tensors(model: Phi3ForCausalLM, headers: dict[str, tuple[list[int], s
     missing = sorted(set(expected) - set(headers) - optional)
     unexpected = sorted(set(headers) - set(expected) - optional)
     if missing:
-        raise ValueError(
-            f"{root}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:5])}"
-        )
+        raise ValueError(f"{root}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(missing[:5])}")
     if unexpected:
         raise ValueError(
             f"{root}: {len(unexpected)} unexpected tensor(s) in the checkpoint: {', '.join(unexpected[:5])}"
@@ -95,9 +101,7 @@ def _check_tensors(model: Phi3ForCausalLM, headers: dict[str, tuple[list[int], s
                 f"{root}: tensor {name!r} has shape {tuple(shape)}, but config.json implies {expected[name]}"
             )
         if dtype not in _DTYPES:
-            raise ValueError(
-                f"{root}: tensor {name!r} has dtype {dtype}; supported: {', '.join(sorted(_DTYPES))}"
-            )
+            raise ValueError(f"{root}: tensor {name!r} has dtype {dtype}; supported: {', '.join(sorted(_DTYPES))}")
 
 
 def _resolve_dtype(
@@ -108,22 +112,16 @@ def _resolve_dtype(
         name = dtype
         dtype = getattr(torch, name, None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(
-                f"dtype {name!r} is not supported; expected one of {', '.join(_DTYPE_NAMES.values())}"
-            )
+            raise ValueError(f"dtype {name!r} is not supported; expected one of {', '.join(_DTYPE_NAMES.values())}")
     if dtype is None:
         stored = {d for _, d in headers.values()}
         if len(stored) == 1:
             return _DTYPES[stored.pop()]
         dtype = getattr(torch, config.dtype or "", None)
         if dtype is None:
-            raise ValueError(
-                f"checkpoint mixes dtypes {sorted(stored)} and config.json names none; pass dtype="
-            )
+            raise ValueError(f"checkpoint mixes dtypes {sorted(stored)} and config.json names none; pass dtype=")
     if dtype not in _DTYPE_NAMES:
-        raise ValueError(
-            f"dtype {dtype} is not supported; expected one of {', '.join(_DTYPE_NAMES.values())}"
-        )
+        raise ValueError(f"dtype {dtype} is not supported; expected one of {', '.join(_DTYPE_NAMES.values())}")
     return dtype
 
 
@@ -156,7 +154,7 @@ def from_pretrained(
         zero_copy = device.type == "cpu" and all(_DTYPES[headers[n][1]] == dtype for n in names)
         # mmap gives views of the page cache; pread gives a private buffer per tensor that dies after
         # conversion, so a cast or a device move never keeps a second copy of the file mapped.
-        with safe_open(path_, framework="pt", backend="mmap" if zero_copy else "pread") as f:
+        with _open(path_, "mmap" if zero_copy else "pread") as f:
             for name in names:
                 tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                 module_name, _, attr = name.rpartition(".")
@@ -210,9 +208,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_pretrained(
-    model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB"
-) -> None:
+def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB") -> None:
     """Write `model` as a checkpoint directory that transformers' and our `from_pretrained` load.
 
     One `model.safetensors` when everything fits in `max_shard_size`, else numbered shards plus

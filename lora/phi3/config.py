@@ -96,9 +96,7 @@ class Phi3Config:
         """Read a `config.json` (transformers 4 or 5 spelling); errors name the file."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: config.json not found; expected a Hugging Face checkpoint directory"
-            )
+            raise FileNotFoundError(f"{path}: config.json not found; expected a Hugging Face checkpoint directory")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -210,6 +208,5 @@ class Phi3Config:
                 if factors is None or len(factors) != self.rotary_dim // 2:
                     got = None if factors is None else len(factors)
                     raise ValueError(
-                        f"LongRoPE {name} must be a list of rotary_dim/2 = {self.rotary_dim // 2} numbers, "
-                        f"got {got}"
+                        f"LongRoPE {name} must be a list of rotary_dim/2 = {self.rotary_dim // 2} numbers, got {got}"
                     )

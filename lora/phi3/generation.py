@@ -93,9 +93,7 @@ def generate(
     tokens[:, :prompt_len] = input_ids
     mask = attention_mask.new_ones((b, total))
     mask[:, :prompt_len] = attention_mask
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(
-        mask == 0, 1
-    )  # (B, total); pads get 1 as in transformers
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, total); pads get 1 as in transformers
     padded = not bool(attention_mask.all())
     weight = model.model.embed_tokens.weight
     cache = KVCache(model.config, b, total, dtype=weight.dtype, device=weight.device)
@@ -108,9 +106,7 @@ def generate(
         for length in range(prompt_len, total):
             long = uses_long_rope(model.config, positions[:, length - 1])  # the newest token's position
             if long != cached_long:
-                cache.length = (
-                    0  # keys were rotated with the short factors: recompute them with the long ones
-                )
+                cache.length = 0  # keys were rotated with the short factors: recompute them with the long ones
             new = slice(cache.length, length)
             hidden = model.model(
                 tokens[:, new],

@@ -132,9 +132,7 @@ class KVCache:
     ) -> None:
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [
-            torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-        ]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,9 +372,7 @@ class Phi3ForCausalLM(nn.Module):
             raise ValueError(
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
             )
-        hidden = self.model(
-            input_ids, position_ids=position_ids, attention_mask=attention_mask, packed=packed
-        )
+        hidden = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, packed=packed)
         targets = labels[:, 1:].reshape(-1)  # (B * (T - 1),)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B * (T - 1), hidden)
         keep = targets != -100

@@ -132,9 +132,7 @@ def _rewrite(path: Path, edit) -> None:
 
 
 def test_missing_directory_and_config(tmp_path: Path) -> None:
-    with pytest.raises(
-        FileNotFoundError, match=r"nowhere: not a directory; expected a Hugging Face checkpoint"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: not a directory; expected a Hugging Face checkpoint"):
         from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"config\.json: config\.json not found"):
         from_pretrained(tmp_path)
@@ -245,3 +243,10 @@ def test_longrope_v4_su_config_loads_and_saves_for_transformers(hf_checkpoint, t
     theirs = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "v5").eval()
     with torch.no_grad():
         assert torch.equal(theirs(ids).logits, hf(ids).logits)
+
+
+def test_truncated_file(tiny_dir: Path) -> None:
+    data = (tiny_dir / "model.safetensors").read_bytes()
+    (tiny_dir / "model.safetensors").write_bytes(data[:1000])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        from_pretrained(tiny_dir)

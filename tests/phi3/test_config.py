@@ -130,9 +130,7 @@ def test_phi4_mini_shape_partial_rotary_and_tied() -> None:
 
 
 def test_missing_config_json(tmp_path: Path) -> None:
-    with pytest.raises(
-        FileNotFoundError, match=r"config\.json: config\.json not found; expected a Hugging Face"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"config\.json: config\.json not found; expected a Hugging Face"):
         Phi3Config.from_json(tmp_path / "config.json")
 
 
@@ -151,16 +149,12 @@ def test_unsupported_rope_type(tmp_path: Path) -> None:
 def test_wrong_longrope_factor_length(tmp_path: Path) -> None:
     rope = {"type": "su", "short_factor": [1.0] * 47, "long_factor": [1.0] * 48}
     path = _write(tmp_path, {**MINI_128K_V4, "rope_scaling": rope})
-    with pytest.raises(
-        ValueError, match=r"LongRoPE short_factor must be a list of rotary_dim/2 = 48 numbers, got 47"
-    ):
+    with pytest.raises(ValueError, match=r"LongRoPE short_factor must be a list of rotary_dim/2 = 48 numbers, got 47"):
         Phi3Config.from_json(path)
 
 
 def test_bad_head_counts_and_activation() -> None:
-    with pytest.raises(
-        ValueError, match=r"num_attention_heads \(32\) must be a multiple of num_key_value_heads \(5\)"
-    ):
+    with pytest.raises(ValueError, match=r"num_attention_heads \(32\) must be a multiple of num_key_value_heads \(5\)"):
         Phi3Config(num_key_value_heads=5)
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
         Phi3Config(hidden_act="gelu")

@@ -83,9 +83,7 @@ def test_stops_on_any_stop_id_and_pads_finished_rows(hf_checkpoint) -> None:
 def test_default_stop_ids_come_from_generation_config(hf_checkpoint) -> None:
     _, path = hf_checkpoint()
     config = json.loads((path / "generation_config.json").read_text())
-    (path / "generation_config.json").write_text(
-        json.dumps({**config, "eos_token_id": [32000, 32001, 32007]})
-    )
+    (path / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [32000, 32001, 32007]}))
     assert default_stop_token_ids(from_pretrained(path)) == [32000, 32001, 32007]
     (path / "generation_config.json").unlink()
     assert default_stop_token_ids(from_pretrained(path)) == [TINY["eos_token_id"]]
@@ -125,9 +123,7 @@ def test_bad_generate_arguments() -> None:
     model = Phi3ForCausalLM(tiny_config())
     ids = torch.ones(2, 4, dtype=torch.long)
     right_padded = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    with pytest.raises(
-        ValueError, match="attention_mask has padding after a real token; generate needs left padding"
-    ):
+    with pytest.raises(ValueError, match="attention_mask has padding after a real token; generate needs left padding"):
         generate(model, ids, attention_mask=right_padded, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\), got shape \(4,\)"):
         generate(model, ids[0], max_new_tokens=2)

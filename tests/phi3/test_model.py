@@ -99,9 +99,7 @@ def test_projections_are_called_as_modules() -> None:
     model = Phi3ForCausalLM(tiny_config(num_key_value_heads=2))
     called = []
     for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-        model.get_submodule(f"model.layers.0.{name}").register_forward_hook(
-            lambda *_, name=name: called.append(name)
-        )
+        model.get_submodule(f"model.layers.0.{name}").register_forward_hook(lambda *_, name=name: called.append(name))
     model(torch.randint(0, TINY["vocab_size"], (1, 5)))
     assert sorted(called) == ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"]
 
