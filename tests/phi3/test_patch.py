@@ -130,3 +130,28 @@ def test_patching_twice_is_an_error(hf_checkpoint):
 def test_resolve_targets_merges_aliases():
     assert resolve_targets(("q_proj", "v", "o_proj")) == {"qkv_proj": ("q", "v"), "o_proj": None}
     assert resolve_targets("down_proj") == {"down_proj": None}
+
+
+def test_patching_allocates_only_the_adapters(hf_checkpoint):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._schema.returns and all(r.alias_info is None for r in func._schema.returns):
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        self.bytes += t.numel() * t.element_size()
+            return out
+
+    _, path = hf_checkpoint()
+    model = from_pretrained(path, dtype=torch.bfloat16)
+    with Allocations() as mode:
+        summary = patch(model, r=4)
+    adapter_bytes = summary.trainable * 4  # float32
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    assert mode.bytes <= 2 * adapter_bytes < base_bytes
