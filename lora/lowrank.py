@@ -92,7 +92,7 @@ class _LowRankLinear(torch.autograd.Function):
             y = x @ weight if bias is None else torch.addmm(bias, x, weight)
         else:
             y = torch.nn.functional.linear(x, weight, bias)
-        xa = x @ A.t()  # (N, r * len(slices))
+        xa = x @ A.t().contiguous()  # (N, r * len(slices)); a contiguous A.T makes this GEMM ~1.7x faster
         positions = None
         if p > 0.0:
             # drop(x) @ A.T = (x @ A.T - dropped @ A.T) / (1 - p); `dropped` is sparse (a fraction p of x).
@@ -126,12 +126,12 @@ class _LowRankLinear(torch.autograd.Function):
         for j, (offset, size) in enumerate(slices):
             dy_j = dy[:, offset : offset + size]
             g_parts.append(dy_j @ B[row : row + size])
-            dB_parts.append(dy_j.t() @ xa[:, j * r : (j + 1) * r])
+            dB_parts.append((xa[:, j * r : (j + 1) * r].t() @ dy_j).t())  # faster than dy_j.t() @ xa_j here
             row += size
         g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, dim=1)
         g *= scaling / (1.0 - p)
         dB = dB_parts[0] if len(dB_parts) == 1 else torch.cat(dB_parts, dim=0)
-        dB = (dB * scaling).to(lora_B.dtype)
+        dB = (dB * scaling).to(lora_B.dtype).contiguous()
 
         dA = g.t() @ x  # (r * len(slices), in)
         if positions is not None:
