@@ -180,12 +180,16 @@ class LoRALayer:
         return text
 
 
-def _adopt(cls: type, module: nn.Module) -> Any:
-    """A new ``cls`` instance holding ``module``'s attributes and its very Parameter objects."""
+def _adopt(cls: type, module: nn.Module, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> Any:
+    """A new ``cls`` instance holding ``module``'s attributes and its very Parameter objects, with LoRA state.
+
+    ``module`` is not modified: bad hyperparameters raise before anything is shared.
+    """
     layer = cls.__new__(cls)
     for key, value in module.__dict__.items():
         # Containers are copied shallowly: the layer adds lora_A/lora_B to its own dicts only.
         layer.__dict__[key] = value.copy() if isinstance(value, (dict, set)) else value
+    LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
     return layer
 
 
@@ -256,9 +260,7 @@ class Linear(LoRALayer, nn.Linear):
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
-        check_hyperparameters(r, lora_alpha, lora_dropout)
-        layer = _adopt(cls, module)
-        LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
         if r > 0:
             in_features, out_features = layer.in_features, layer.out_features
@@ -396,9 +398,7 @@ class MergedLinear(Linear):
         if enable_lora is None:
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
-        check_hyperparameters(r, lora_alpha, lora_dropout)
-        layer = _adopt(cls, module)
-        LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
         layer.enable_lora = enable_lora
         layer.split_sizes = split_sizes
@@ -496,11 +496,9 @@ class Embedding(LoRALayer, nn.Embedding):
         """Wrap ``module`` without copying: the layer shares its ``weight`` Parameter."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
-        check_hyperparameters(r, lora_alpha, 0.0)
+        layer = _adopt(cls, module, r, lora_alpha, 0.0, merge_weights, use_rslora)
         if r > 0 and module.sparse:
             raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
-        layer = _adopt(cls, module)
-        LoRALayer.__init__(layer, r, lora_alpha, 0.0, merge_weights, use_rslora=use_rslora)
         if r > 0:
             shape_a, shape_b = (r, layer.num_embeddings), (layer.embedding_dim, r)
             _init_adapters(layer, shape_a, shape_b, _adapter_dtype(layer.weight, adapter_dtype))
@@ -616,9 +614,7 @@ class ConvLoRA(LoRALayer):
         if target is None or cls not in (ConvLoRA, target):
             expected = "an nn.Conv1d, nn.Conv2d or nn.Conv3d" if cls is ConvLoRA else f"an nn.{cls.__name__}"
             raise TypeError(f"{cls.__name__}.from_module expects {expected}; got {type(module).__name__}")
-        check_hyperparameters(r, lora_alpha, lora_dropout)
-        layer = _adopt(target, module)
-        LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        layer = _adopt(target, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         ks = module.kernel_size
         layer.loralib_layout = layer._is_loralib_layout(ks[0] if len(set(ks)) == 1 else ks)
         if r > 0:
