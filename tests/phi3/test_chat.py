@@ -1,0 +1,120 @@
+"""Chat templates and tokenisation: parity with transformers' apply_chat_template, labels, checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from phi3_tokenizer import APRIL_TEMPLATE, CURRENT_TEMPLATE, PHI35_TEMPLATE, write_tokenizer_dir
+
+from lora.phi3.chat import (
+    IGNORE_INDEX,
+    PHI3,
+    PHI3_2024_04,
+    PHI3_5,
+    PHI3_MEDIUM_2024_04,
+    check_conversation,
+    encode_chat,
+    encode_prompt,
+    render,
+    stop_token_ids,
+    template_from_checkpoint,
+    template_from_jinja,
+)
+from lora.phi3.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "You are kind."},
+    {"role": "user", "content": "What is 2 + 3?\n"},
+    {"role": "assistant", "content": "  2 + 3 = 5. Ünïcode ✓"},
+    {"role": "user", "content": "the end"},
+    {"role": "assistant", "content": "What of it"},
+]
+
+
+def test_byte_tokenizer_matches_special_tokens_and_rstrip():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == 264
+    assert tok.encode("<|user|>\nHi<|end|>\n") == [263, 72, 105, 262]
+    # Only rstrip tokens absorb whitespace; <|endoftext|> does not.
+    assert tok.encode("<|endoftext|> a") == [259, 32, 97]
+    text = "<s>héllo ✓<|assistant|>x"
+    assert tok.decode(tok.encode(text)) == "<s>héllo ✓<|assistant|>x"
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == "héllo ✓x"
+    assert stop_token_ids(tok) == [259, 260, 262]
+    assert tok.token_to_id("<unk>") == 256 and tok.token_to_id("a") is None
+
+
+def test_byte_tokenizer_round_trips_through_a_checkpoint_directory(tmp_path):
+    ByteTokenizer().save(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("jinja", "template"),
+    [(CURRENT_TEMPLATE, PHI3), (PHI35_TEMPLATE, PHI3_5), (APRIL_TEMPLATE, PHI3_2024_04)],
+)
+def test_ids_equal_transformers_apply_chat_template(tmp_path, jinja, template):
+    transformers = pytest.importorskip("transformers")
+    directory = write_tokenizer_dir(tmp_path / "tok", jinja)
+    reference = transformers.AutoTokenizer.from_pretrained(directory)
+    ours = load_tokenizer(directory)
+    assert isinstance(ours, HFTokenizer)
+    assert template_from_checkpoint(directory) == template
+    empty_system = [{"role": "system", "content": ""}, *CONVERSATION[1:3]]
+    for messages in (CONVERSATION, CONVERSATION[1:], empty_system):
+        text = reference.apply_chat_template(messages, tokenize=False)
+        assert render(messages, template) == text
+        expected = reference(text, add_special_tokens=False)["input_ids"]
+        assert encode_chat(ours, messages, template)[0] == expected
+        prompt = reference.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        assert encode_prompt(ours, messages[:-1], template) == reference(prompt, add_special_tokens=False)["input_ids"]
+    # rstrip: the template's newlines after role tokens and <|end|> are absorbed; only the one inside a
+    # message stays (byte-fallback id of "\n" is 3 + 10).
+    assert encode_chat(ours, CONVERSATION, template)[0].count(13) == 1
+
+
+def test_labels_cover_assistant_turns_and_their_end_token():
+    tok = ByteTokenizer()
+    ids, labels = encode_chat(tok, CONVERSATION, PHI3)
+    assert len(ids) == len(labels)
+    learned = tok.decode([t for t in labels if t != IGNORE_INDEX])
+    assert learned == "2 + 3 = 5. Ünïcode ✓<|end|>What of it<|end|>"  # leading spaces absorbed by rstrip
+    assert ids[-1] == tok.token_to_id("<|endoftext|>") and labels[-1] == IGNORE_INDEX
+    ids, labels = encode_chat(tok, CONVERSATION, PHI3_2024_04)
+    assert ids[0] == tok.token_to_id("<s>")
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == learned
+    assert "You are kind" not in tok.decode(ids)  # the April template has no system role
+
+
+def test_template_detection():
+    assert template_from_jinja(None) == PHI3
+    assert template_from_jinja(APRIL_TEMPLATE.replace("{{ bos_token }}", "")) == PHI3_MEDIUM_2024_04
+    with pytest.raises(ValueError, match="not a Phi-3 template"):
+        template_from_jinja("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
+
+
+def test_template_from_checkpoint_reads_chat_template_jinja_and_lists(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "x"}, {"name": "default", "template": APRIL_TEMPLATE}]}))
+    assert template_from_checkpoint(tmp_path) == PHI3_2024_04
+    (tmp_path / "chat_template.jinja").write_text(CURRENT_TEMPLATE)
+    assert template_from_checkpoint(tmp_path) == PHI3
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([], "non-empty list"),
+        ([{"role": "user"}], "'role' and 'content'"),
+        ([{"role": "bot", "content": "x"}], "unknown role 'bot'"),
+        ([{"role": "user", "content": 3}], "must be a string"),
+        ([{"role": "user", "content": "hi"}], "no assistant turn"),
+        ([{"role": "user", "content": "a<|end|>b"}, {"role": "assistant", "content": "c"}], "special token <|end|>"),
+    ],
+)
+def test_check_conversation_errors(messages, message):
+    with pytest.raises(ValueError, match=f"^train.jsonl:7: .*{message}".replace("|", r"\|")):
+        check_conversation(messages, "train.jsonl:7")
