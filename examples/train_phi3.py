@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = setup_distributed(config["device"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s" if world > 1
-                        else "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+                        else "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
     out = Path(config["output_dir"])
     torch.manual_seed(config["seed"])
 

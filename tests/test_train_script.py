@@ -1,0 +1,180 @@
+"""examples/train_phi3.py end to end, in subprocesses: outputs, resume, bad input, the real-checkpoint path."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_phi3.py"
+sys.path.insert(0, str(ROOT / "tests" / "phi3"))
+sys.path.insert(0, str(ROOT / "examples"))
+import train_phi3  # noqa: E402
+from phi3_tokenizer import APRIL_TEMPLATE, write_tokenizer_dir  # noqa: E402
+
+# Small and fast: a few steps of rank 4 on short data; eval on 8 conversations.
+FAST = ["--no-progress", "--r", "4", "--lora-alpha", "8", "--per-device-train-batch-size", "2",
+        "--per-device-eval-batch-size", "8", "--sample-max-new-tokens", "4", "--max-seq-length", "256"]
+
+
+def conversations(n: int) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Be brief."}] * (i % 2)
+             + [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]}
+            for i in range(n)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def small_eval(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "eval.jsonl", conversations(8))
+
+
+def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+    """The script in a subprocess, as a user runs it."""
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def main(*args: str | Path) -> int:
+    """The script's `main` in this process: no interpreter and torch start-up per run."""
+    return train_phi3.main([str(a) for a in args])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_embedded_default_writes_everything(tmp_path, small_eval):
+    out = tmp_path / "out"
+    result = run(*FAST, "--max-steps", "3", "--eval-steps", "2", "--logging-steps", "1", "--eval-data", small_eval,
+                 "--output-dir", out, "--merge")
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"eval loss: \d+\.\d+ -> \d+\.\d+ \([-+]\d+\.\d%\)", last), last
+    assert "unigram model of the assistant tokens" in result.stdout and "sample" in result.stdout
+    for name in ("adapter.safetensors", "adapter-peft/adapter_config.json", "adapter-peft/adapter_model.safetensors",
+                 "train_config.json", "checkpoints/step-000003/trainer_state.pt", "merged/config.json",
+                 "merged/byte_tokenizer.json"):
+        assert (out / name).is_file(), name
+    records = metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 3]
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary directory left behind
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main("--help")
+    text = capsys.readouterr().out
+    for key in [*train_phi3.training_config, *train_phi3.peft_config, "config", "resume"]:
+        assert "--" + key.replace("_", "-") in text, key
+
+
+def test_resume_continues_bit_identically(tmp_path, small_eval):
+    common = [*FAST, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3", "--logging-steps", "1",
+              "--eval-data", small_eval, "--lora-dropout", "0.1"]  # dropout: the RNG state must be restored too
+    assert main(*common, "--output-dir", tmp_path / "full") == 0
+    assert main("--resume", tmp_path / "full" / "checkpoints" / "step-000002", "--output-dir", tmp_path / "resumed",
+                "--no-progress") == 0
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in full if r["step"] > 2 and "loss" in r] == [r["loss"] for r in resumed if "loss" in r]
+    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "resumed" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="learning_rate=0.5 contradict the checkpoint's settings"):
+        main("--resume", tmp_path / "full", "--learning-rate", "0.5")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_eval, capsys):
+    out = tmp_path / "out"
+    assert main(*FAST, "--max-steps", "4", "--save-steps", "1", "--learning-rate", "1e30", "--warmup-ratio", "0",
+                "--eval-data", small_eval, "--output-dir", out) == 1
+    text = capsys.readouterr().out
+    assert "non-finite loss" in text and "the last good checkpoint is" in text
+    assert (out / "checkpoints").is_dir() and not (out / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d: ["--data", write_jsonl(d / "bad.jsonl", [conversations(1)[0], "{oops"])],
+         "bad.jsonl:2: not valid JSON"),
+        (lambda d: ["--data", write_jsonl(d / "role.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])],
+         "role.jsonl:1: message 0 has unknown role 'bot'"),
+        (lambda d: ["--data", write_jsonl(d / "q.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])],
+         "q.jsonl:1: conversation has no assistant turn"),
+        (lambda d: ["--data", write_jsonl(d / "empty.jsonl", [])], "empty.jsonl: the dataset is empty"),
+        (lambda d: ["--data", write_jsonl(d / "one.jsonl", conversations(1))], "fewer than one global batch"),
+        (lambda d: ["--model", d], "no config.json"),
+        (lambda d: ["--warmup-ratio", "1.5"], "--warmup-ratio must be in"),
+        (lambda d: ["--max-steps", "0"], "--max-steps must be positive"),
+        (lambda d: ["--r", "0"], "--r must be positive"),
+        (lambda d: ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--r", "0"], "CUDA|--r must"),
+        (lambda d: ["--config", write_jsonl(d / "c.json", ['{"learning_rat": 1}'])], "unknown settings"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_training(tmp_path, small_eval, make_args, message):
+    with pytest.raises(ValueError, match=message):
+        main(*FAST, "--eval-data", small_eval, "--output-dir", tmp_path / "out", *make_args(tmp_path))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_bad_input_exits_with_one_line(tmp_path):
+    result = run("--data", write_jsonl(tmp_path / "bad.jsonl", ["{oops"]), "--output-dir", tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'bad.jsonl'}:1: not valid JSON")
+
+
+def test_non_phi3_model_directory(tmp_path, small_eval):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="not a loadable Phi-3 checkpoint.*model_type is 'llama', expected 'phi3'"):
+        main(*FAST, "--model", tmp_path / "llama", "--eval-data", small_eval)
+
+
+def test_config_file_json_and_toml_with_command_line_precedence(tmp_path):
+    (tmp_path / "c.toml").write_text('max_steps = 7\n[peft_config]\nr = 2\nlora_alpha = 4\n')
+    config, _ = train_phi3.resolve_config(["--config", str(tmp_path / "c.toml"), "--lora-alpha", "6"])
+    assert (config["max_steps"], config["r"], config["lora_alpha"]) == (7, 2, 6)
+    assert config["learning_rate"] == train_phi3.EMBEDDED_OVERRIDES["learning_rate"]
+    (tmp_path / "c.json").write_text(json.dumps({"training_config": {"model": "somewhere"}}))
+    config, _ = train_phi3.resolve_config(["--config", str(tmp_path / "c.json")])
+    assert config["learning_rate"] == train_phi3.training_config["learning_rate"]  # a real model: the recipe
+
+
+def test_real_checkpoint_path(tmp_path):
+    """A tiny random Phi-3 directory with a tokenizer.json built with `tokenizers` and the April template."""
+    pytest.importorskip("tokenizers")
+    from lora.phi3 import Phi3Config, Phi3ForCausalLM, save_pretrained
+
+    model_dir = tmp_path / "phi3"
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=512, original_max_position_embeddings=512,
+                        bos_token_id=1, eos_token_id=[345, 346, 348], pad_token_id=345)
+    save_pretrained(Phi3ForCausalLM(config), model_dir)
+    write_tokenizer_dir(model_dir, APRIL_TEMPLATE)
+    data = write_jsonl(tmp_path / "train.jsonl", conversations(8))
+    out = tmp_path / "out"
+    result = run("--model", model_dir, "--data", data, "--eval-data", data, "--max-steps", "2", "--dtype", "bfloat16",
+                 "--output-dir", out, "--no-progress", "--sample-max-new-tokens", "4", "--packing",
+                 "--max-seq-length", "64", "--per-device-train-batch-size", "1")
+    assert "chat template phi3-2024-04" in result.stdout and "torch.bfloat16" in result.stdout
+    assert "packed into" in result.stdout
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["learning_rate"], saved["r"], saved["lora_alpha"], saved["gradient_checkpointing"]) == (
+        5e-6, 16, 32, True)  # Microsoft's recipe
+    adapter = load_file(out / "adapter.safetensors")
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert (out / "adapter-peft" / "adapter_config.json").is_file()
