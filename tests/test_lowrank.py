@@ -84,3 +84,16 @@ def test_mask_rate_and_independence(p):
     # Pairs: P(both dropped) = p^2.
     both = (mask[0::2] * mask[1::2]).mean().item()
     assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (n / 2))
+
+
+def test_thread_count_is_restored_even_on_error():
+    import lora
+
+    before = torch.get_num_threads()
+    layer = lora.Linear(8, 8, r=2, lora_dropout=0.3)
+    x = torch.randn(4, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(4, 7))
+    assert torch.get_num_threads() == before
