@@ -42,3 +42,18 @@ def longrope(rotary_dim: int, *, original: int, maximum: int) -> dict[str, Any]:
 def tiny_config(**overrides: Any) -> Phi3Config:
     """Our `Phi3Config` for `TINY` plus overrides, read the way a config.json would be."""
     return Phi3Config.from_dict({"model_type": "phi3", **TINY, **overrides})
+
+
+def randomise_adapters(model: Any, seed: int = 3, scale: float = 0.2) -> None:
+    """Give every lora_A/lora_B random values (B starts at zero), by sorted name.
+
+    Sorted, because transformers registers `o_proj` before `qkv_proj` and we the other way round: two models
+    patched alike then get the same values.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith(("lora_A", "lora_B")):
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from phi3_tiny import TINY, longrope
+from phi3_tiny import TINY, longrope, randomise_adapters
 
 import lora
 from lora.phi3 import from_pretrained, patch
@@ -15,11 +15,7 @@ IDS = torch.randint(3, TINY["vocab_size"], (2, 9), generator=torch.Generator().m
 def trained(path, targets=("q", "v", "down_proj")):
     model = from_pretrained(path).eval()
     patch(model, r=4, lora_alpha=8, targets=targets)
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomise_adapters(model, seed=6)
     return model
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from phi3_tiny import TINY
+from phi3_tiny import TINY, randomise_adapters
 
 import lora
 from lora.phi3 import MergeVerificationError, from_pretrained, merge_and_save, patch
@@ -18,11 +18,7 @@ IDS = torch.randint(3, TINY["vocab_size"], (2, 10), generator=torch.Generator().
 def adapted(path, dtype=None, targets=("q", "v", "o_proj", "gate_up_proj", "down_proj")):
     model = from_pretrained(path, dtype=dtype)
     patch(model, r=4, lora_alpha=8, targets=targets)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomise_adapters(model, seed=4)
     return model.eval()
 
 

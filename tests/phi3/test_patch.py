@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from phi3_tiny import TINY
+from phi3_tiny import TINY, randomise_adapters
 
 import lora
 from lora.phi3 import from_pretrained, patch
 from lora.phi3.patch import resolve_targets
-
-
-def randomise_adapters(model, seed=3):
-    # By sorted name: transformers registers o_proj before qkv_proj, we the other way round.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if name.endswith(("lora_A", "lora_B")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

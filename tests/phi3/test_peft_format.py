@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from phi3_tiny import TINY
+from phi3_tiny import TINY, randomise_adapters
 
 from lora.phi3 import from_pretrained, load_peft_adapter, patch, save_peft_adapter
 
@@ -14,14 +14,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 IDS = torch.randint(3, TINY["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(5))
-
-
-def randomise_adapters(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def peft_logits(path, adapter_dir):
