@@ -1,6 +1,6 @@
 """LoRA fine-tuning of Phi-3 on a chat-instruction dataset, in one file: config, setup, data, eval, schedule, loop.
 
-    python examples/train_phi3.py                    # embedded tiny Phi-3 + examples/data, ~2 min on 2 CPU cores
+    python examples/train_phi3.py                    # embedded tiny Phi-3 + examples/data, ~1 min on 2 CPU cores
     python examples/train_phi3.py --model Phi-3-mini-4k-instruct --data train.jsonl --eval-data test.jsonl
     torchrun --nproc_per_node 2 examples/train_phi3.py ...            # DDP: gloo on CPU, nccl on GPU
     python examples/train_phi3.py --resume runs/phi3-lora/checkpoints/step-000100
@@ -105,24 +105,26 @@ peft_config: dict[str, Any] = {
     "target_modules": "all-linear",
     "use_rslora": False,
 }
-# The embedded model is random, not pretrained: LoRA alone must carry everything it learns, in under two
-# minutes of CPU. So: rank 32 over all four projections (a third of the tiny base's size, enough to learn
-# the templates), alpha = r (scaling 1), and a learning rate 600x the recipe's (which is tuned to nudge a
-# pretrained 3.8B model), warmup 5%, two epochs of batch 8. No dropout (nothing to regularise in two
-# epochs of templated data) and no gradient checkpointing (memory is no issue at this size; recomputing
-# would cost a third more time). Measured: the eval loss falls below the unigram loss within the run.
+# The embedded model is random, not pretrained: LoRA alone must carry everything it learns, in about a minute
+# of CPU. So: rank 32 over all four projections (a fifth of the parameters, enough to learn the templates),
+# alpha = r (scaling 1), and a learning rate 600x the recipe's (which is tuned to nudge a pretrained 3.8B
+# model), warmup 5%, eight epochs of batch 8 (480 steps). No dropout (the eval set follows the same
+# templates; nothing to regularise) and no gradient checkpointing (memory is no issue at this size, and
+# recomputing would cost a third more time). Measured on 2 idle CPU cores: about 50 s, eval loss 7.09 ->
+# about 0.8, far below the 3.36 of a unigram model; a busy machine can take several times longer.
 EMBEDDED_OVERRIDES: dict[str, Any] = {
     "dtype": "float32",
     "learning_rate": 3.0e-3,
     "warmup_ratio": 0.05,
-    "num_train_epochs": 2,
+    "num_train_epochs": 8,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 32,
     "gradient_checkpointing": False,
     "max_seq_length": 512,
-    "logging_steps": 10,
-    "eval_steps": 40,
-    "save_steps": 60,
+    "logging_steps": 40,
+    "eval_steps": 160,
+    "save_steps": 240,
+    "sample_prompt": "What is the capital of Italy?",
     "sample_max_new_tokens": 40,
     "r": 32,
     "lora_alpha": 32,
@@ -199,6 +201,11 @@ RESUMABLE_CHANGES = {"output_dir", "device", "logging_steps", "eval_steps", "sav
                      "sample_prompt", "sample_max_new_tokens", "merge", "progress"}
 
 
+def option_name(key: str) -> str:
+    """`--learning-rate` for `learning_rate`; `--lora-r` for `r` (torchrun would read `--r` as its own `--rdzv-*`)."""
+    return "--lora-r" if key == "r" else "--" + key.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """`--key` for every config key (`--no-key` for switches), documented from HELP, default from the dicts."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
@@ -210,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group_name, group in (("training_config", training_config), ("peft_config", peft_config)):
         options = parser.add_argument_group(group_name)
         for key, default in group.items():
-            flag = "--" + key.replace("_", "-")
+            flag = option_name(key)
             shown = EMBEDDED_OVERRIDES.get(key)
             text = HELP[key] + (f" (default {default}; embedded model: {shown})" if shown is not None
                                 else f" (default {default})")
@@ -290,10 +297,10 @@ def check_config(config: dict[str, Any]) -> None:
                 "save_total_limit", "r", "lora_alpha"]
     for key in positive:
         if not config[key] > 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+            raise ValueError(f"{option_name(key)} must be positive, got {config[key]}")
     for key in ("weight_decay", "max_grad_norm", "sample_max_new_tokens"):
         if config[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
+            raise ValueError(f"{option_name(key)} must be >= 0, got {config[key]}")
     if not 0 <= config["warmup_ratio"] < 1:
         raise ValueError(f"--warmup-ratio must be in [0, 1), got {config['warmup_ratio']}")
     if not 0 <= config["lora_dropout"] < 1:
@@ -305,7 +312,7 @@ def check_config(config: dict[str, Any]) -> None:
                          f"got {config['num_train_epochs']}")
     for key, choices in CHOICES.items():
         if config[key] not in choices:
-            raise ValueError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}, got {config[key]!r}")
+            raise ValueError(f"{option_name(key)} must be one of {', '.join(choices)}, got {config[key]!r}")
     if config["device"].startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config['device']}: CUDA is not available on this machine")
     if Path(config["output_dir"]).resolve() == Path(config["model"] or EMBEDDED_DIR).resolve():
