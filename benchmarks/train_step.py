@@ -124,9 +124,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256, help="tokens in the one training sequence")
     args = parser.parse_args()
     widths, rounds, seq = (QUICK, 2, 32) if args.quick else (FULL, args.rounds, args.seq)
-    ours, frozen, peft_model, hf_frozen = build(widths)
-    # transformers 5 renames gradient_checkpointing_enable; the old name is what PEFT users call today.
+    # transformers 5 renames gradient_checkpointing_*; the old names are what PEFT and its users call today.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    ours, frozen, peft_model, hf_frozen = build(widths)
     ids = torch.randint(0, widths["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1))
     set_dropout(ours, peft_model, 0.0)
     with torch.no_grad():  # the same model and adapters on both sides: the same loss

@@ -642,8 +642,8 @@ def main(argv: list[str] | None = None) -> int:
             micro = [collate([train_rows[i] for i in mine[k : k + size]], pad_id) for k in range(0, per_rank, size)]
             # Normalise by the global count of target tokens: every token weighs the same whatever the
             # micro-batch, the rank or the padding; DDP averages over ranks, hence the factor `world`.
-            counts = torch.tensor([sum(b.num_targets for b in micro), sum(int(b.input_ids.numel()) for b in micro)],
-                                  dtype=torch.float64, device=device)
+            counts = torch.tensor([sum(b.num_targets for b in micro), sum(len(train_rows[i].input_ids) for i in mine)],
+                                  dtype=torch.float64, device=device)  # (target tokens, real tokens)
             if world > 1:
                 dist.all_reduce(counts)
             scale = world / max(float(counts[0]), 1.0)
