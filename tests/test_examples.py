@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,12 @@ def test_chat_with_trained_adapter(tmp_path, capsys):
     assert len(answers) == 2 and answers[0] == answers[1]  # the same adapter in both formats
     with pytest.raises(ValueError, match="expected adapter_config.json"):
         chat_phi3.main(["--adapter", str(tmp_path), "hi"])
+
+
+def test_training_doc_example_runs(tmp_path):
+    text = (ROOT / "docs" / "training.md").read_text()
+    script = "\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "4.<|end|>"

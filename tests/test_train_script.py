@@ -20,7 +20,7 @@ import train_phi3  # noqa: E402
 from phi3_tokenizer import APRIL_TEMPLATE, write_tokenizer_dir  # noqa: E402
 
 # Small and fast: a few steps of rank 4 on short data; eval on 8 conversations.
-FAST = ["--no-progress", "--r", "4", "--lora-alpha", "8", "--per-device-train-batch-size", "2",
+FAST = ["--no-progress", "--lora-r", "4", "--lora-alpha", "8", "--per-device-train-batch-size", "2",
         "--per-device-eval-batch-size", "8", "--sample-max-new-tokens", "4", "--max-seq-length", "256"]
 
 
@@ -80,7 +80,7 @@ def test_help_documents_every_option(capsys):
         main("--help")
     text = capsys.readouterr().out
     for key in [*train_phi3.training_config, *train_phi3.peft_config, "config", "resume"]:
-        assert "--" + key.replace("_", "-") in text, key
+        assert train_phi3.option_name(key) in text, key
 
 
 def test_resume_continues_bit_identically(tmp_path, small_eval):
@@ -120,8 +120,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smal
         (lambda d: ["--model", d], "no config.json"),
         (lambda d: ["--warmup-ratio", "1.5"], "--warmup-ratio must be in"),
         (lambda d: ["--max-steps", "0"], "--max-steps must be positive"),
-        (lambda d: ["--r", "0"], "--r must be positive"),
-        (lambda d: ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--r", "0"], "CUDA|--r must"),
+        (lambda d: ["--lora-r", "0"], "--lora-r must be positive"),
+        (lambda d: ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--lora-r", "0"],
+         "CUDA|--lora-r must"),
         (lambda d: ["--config", write_jsonl(d / "c.json", ['{"learning_rat": 1}'])], "unknown settings"),
     ],
 )
