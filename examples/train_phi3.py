@@ -208,8 +208,8 @@ def option_name(key: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """`--key` for every config key (`--no-key` for switches), documented from HELP, default from the dicts."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # SUPPRESS: only what the user gave appears, so a config file or a checkpoint's settings fill the rest.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON or TOML file of settings (flat, or [training_config] and "
                                          "[peft_config] tables)")
     parser.add_argument("--resume", help="checkpoint directory (or an output_dir: its latest checkpoint) to "
@@ -228,7 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 kind = type(default) if default is not None else str
                 options.add_argument(flag, dest=key, type=kind, choices=CHOICES.get(key), help=text)
-    parser.formatter_class = argparse.HelpFormatter  # defaults are in the texts already
     return parser
 
 
@@ -605,8 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # A re-run into the same directory continues its history up to `start` and no further: later metrics
+        # and checkpoints belong to a trajectory this run replaces (and would win `--resume DIR` otherwise).
         kept = metrics.read_text().splitlines() if checkpoint and metrics.is_file() else []
         metrics.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= start))
+        for stale in (out / "checkpoints").glob("step-*"):
+            if int(stale.name.removeprefix("step-")) > start:
+                shutil.rmtree(stale)
+                log.info("removed %s, left from an earlier run", stale)
     log.info("%d steps (%d per epoch), global batch %d, warmup %d, lr %.3g %s; %s", total_steps, steps_per_epoch,
              global_batch, warmup, config["learning_rate"], config["lr_scheduler_type"],
              f"resuming after step {start} from {checkpoint}" if checkpoint else "from scratch")

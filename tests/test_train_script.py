@@ -179,3 +179,11 @@ def test_real_checkpoint_path(tmp_path):
     adapter = load_file(out / "adapter.safetensors")
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
     assert (out / "adapter-peft" / "adapter_config.json").is_file()
+
+
+def test_rerun_into_the_same_directory_replaces_the_earlier_run(tmp_path, small_eval):
+    common = [*FAST, "--eval-data", small_eval, "--output-dir", tmp_path / "out", "--logging-steps", "1"]
+    assert main(*common, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "5") == 0
+    assert main(*common, "--max-steps", "1") == 0
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000001"]
+    assert max(r["step"] for r in metrics(tmp_path / "out")) == 1

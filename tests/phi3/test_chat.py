@@ -10,8 +10,8 @@ from phi3_tokenizer import APRIL_TEMPLATE, CURRENT_TEMPLATE, PHI35_TEMPLATE, wri
 from lora.phi3.chat import (
     IGNORE_INDEX,
     PHI3,
-    PHI3_2024_04,
     PHI3_5,
+    PHI3_2024_04,
     PHI3_MEDIUM_2024_04,
     check_conversation,
     encode_chat,
@@ -55,6 +55,7 @@ def test_byte_tokenizer_round_trips_through_a_checkpoint_directory(tmp_path):
 @pytest.mark.parametrize(
     ("jinja", "template"),
     [(CURRENT_TEMPLATE, PHI3), (PHI35_TEMPLATE, PHI3_5), (APRIL_TEMPLATE, PHI3_2024_04)],
+    ids=["current", "phi3.5", "april-2024"],
 )
 def test_ids_equal_transformers_apply_chat_template(tmp_path, jinja, template):
     transformers = pytest.importorskip("transformers")
