@@ -90,6 +90,7 @@ def set_dropout(ours: nn.Module, peft_model: nn.Module, p: float) -> None:
 
 
 def set_checkpointing(ours: Phi3ForCausalLM, peft_model: nn.Module, enabled: bool) -> None:
+    """Gradient checkpointing per decoder layer, non-reentrant, in both models."""
     ours.gradient_checkpointing = enabled
     hf = peft_model.base_model.model
     if enabled:
@@ -118,6 +119,7 @@ def saved_bytes(step_forward: Callable[[], torch.Tensor], params: list[torch.Ten
 
 
 def main() -> None:
+    """Build, check that both sides give the same loss, time the variants interleaved, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny widths and 2 rounds: checks that it runs")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over them)")

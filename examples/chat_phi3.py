@@ -27,6 +27,7 @@ EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "runs" / "tiny-phi3-v2"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: a prompt (or none: interactive), model, adapter and decoding options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prompt", nargs="?", help="one user message to answer; omit for an interactive chat")
     parser.add_argument("--model", help="base checkpoint directory (default: the adapter's base, else the "
@@ -70,6 +71,7 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Answer the prompt, or chat until an empty line or end of input; the history is kept."""
     args = parse_args(argv)
     model, base = load(args)
     tokenizer = load_tokenizer(base)

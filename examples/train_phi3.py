@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -380,6 +381,7 @@ class SummedLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None):
+        """`sum over labelled t of -log p(labels[t + 1] | ids[:t + 1])`; packed rows when position_ids are given."""
         return self.model.loss(input_ids, labels, position_ids=position_ids, packed=position_ids is not None,
                                reduction="sum")
 
@@ -448,7 +450,7 @@ def sample_answer(model: Phi3ForCausalLM, tokenizer: Any, template: ChatTemplate
 # ---------------------------------------------------------------------------------------------------------------
 # Schedule: linear warmup to the peak, then cosine (or linear, or constant) decay to 0.
 # ---------------------------------------------------------------------------------------------------------------
-def make_schedule(kind: str, warmup: int, total: int):
+def make_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """Learning-rate factor of step s: `(s + 1) / warmup` in the warmup, then e.g. `0.5 (1 + cos(pi p))`.
 
     `p = (s - warmup) / (total - warmup)` is the progress through the decay.
@@ -506,6 +508,7 @@ def load_checkpoint(path: Path, model: Phi3ForCausalLM, optimizer: torch.optim.O
 
 
 def write_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to metrics.jsonl: `{"step": 40, "loss": 1.93, "lr": 0.0029, ...}`."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -541,6 +544,7 @@ class NonFiniteLoss(RuntimeError):
 # Main: setup, data, eval before, the loop, eval after, outputs.
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """Train; 0 on success, 1 when the loss became non-finite (bad input raises before training)."""
     config, checkpoint = resolve_config(argv)
     check_config(config)
     rank, world, device = setup_distributed(config["device"])

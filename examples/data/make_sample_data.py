@@ -47,6 +47,7 @@ COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yel
 
 
 def arithmetic(rng: random.Random) -> Turns:
+    """`a op b` with the result; maybe doubling it and asking even or odd."""
     a, b = rng.randint(2, 60), rng.randint(2, 40)
     op = rng.choice(["+", "-", "*"])
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
@@ -61,6 +62,7 @@ def arithmetic(rng: random.Random) -> Turns:
 
 
 def conversion(rng: random.Random) -> Turns:
+    """A whole number of one unit in another; maybe a second amount."""
     src, dst, factor = rng.choice(CONVERSIONS)
     n = rng.randint(1, 12)
     turns = [(rng.choice([f"Convert {n} {src} to {dst}.", f"How many {dst} are in {n} {src}?"]),
@@ -72,6 +74,7 @@ def conversion(rng: random.Random) -> Turns:
 
 
 def strings(rng: random.Random) -> Turns:
+    """Reverse, count, capitalise or take the first letter of a word; maybe its last letter."""
     word = rng.choice(WORDS)
     kind = rng.randrange(4)
     if kind == 0:
@@ -88,6 +91,7 @@ def strings(rng: random.Random) -> Turns:
 
 
 def capitals(rng: random.Random) -> Turns:
+    """The capital of a country; maybe of a second one."""
     countries = rng.sample(sorted(CAPITALS), 2)
     turns = [(rng.choice([f"What is the capital of {countries[0]}?", f"Name the capital of {countries[0]}."]),
               f"The capital of {countries[0]} is {CAPITALS[countries[0]]}.")]
@@ -97,6 +101,7 @@ def capitals(rng: random.Random) -> Turns:
 
 
 def facts(rng: random.Random) -> Turns:
+    """The next weekday, an opposite, or the color of a thing."""
     kind = rng.randrange(3)
     if kind == 0:
         i = rng.randrange(7)
@@ -125,6 +130,7 @@ def conversation(rng: random.Random) -> dict[str, list[dict[str, str]]]:
 
 
 def write(path: Path, count: int, seed: int) -> None:
+    """`count` conversations from `Random(seed)`, one JSON object per line."""
     rng = random.Random(seed)
     lines = [json.dumps(conversation(rng), ensure_ascii=False) for _ in range(count)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -171,6 +171,7 @@ def render(
 
 
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
+    """Id of a special token the labelling needs; a tokenizer without it is not Phi-3's."""
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
         raise ValueError(f"the tokenizer has no {token} token; it is not a Phi-3 chat tokenizer")
