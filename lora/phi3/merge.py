@@ -29,7 +29,7 @@ __all__ = ["merge_and_save", "MergeVerificationError"]
 # Files of a checkpoint directory that are not weights, copied beside the merged model.
 SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "byte_tokenizer.json",
 )
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 # max |merged - adapted| logits allowed, relative to max(1, max |logits|): merging rounds W + delta once
