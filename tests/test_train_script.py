@@ -187,3 +187,11 @@ def test_rerun_into_the_same_directory_replaces_the_earlier_run(tmp_path, small_
     assert main(*common, "--max-steps", "1") == 0
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000001"]
     assert max(r["step"] for r in metrics(tmp_path / "out")) == 1
+
+
+def test_loss_curve_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"step": 0, "eval_loss": 4.0}, {"step": 1, "loss": 3.5}, {"step": 2, "loss": 2.5, "eval_loss": 2.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert train_phi3.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
