@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -89,13 +90,13 @@ def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float) -> 
     return variants
 
 
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd saves for backward in one forward, once per storage, minus input and parameters."""
-    exclude = [x, *module.parameters()]
+def saved_bytes(step_forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward after one forward, once per storage, ``exclude`` (inputs, parameters)
+    not counted. Also used by train_step.py."""
     seen = {t.untyped_storage().data_ptr() for t in exclude}
     total = 0
 
-    def pack(t: torch.Tensor):
+    def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
@@ -104,7 +105,8 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
+        out = step_forward()
+    del out
     return total
 
 
@@ -138,11 +140,11 @@ def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int
                     start = time.perf_counter()
                     module(x).backward(dy)
                     times[key].append(time.perf_counter() - start)
-            floor_saved = saved_bytes(base, x)
+            floor_saved = saved_bytes(lambda m=base, x=x: m(x), [x, base.weight])
             for key, module in variants.items():
                 ratios = [t / f for t, f in zip(times[key], times["floor"], strict=True)]
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-                saved = saved_bytes(module, x) - floor_saved
+                saved = saved_bytes(lambda m=module, x=x: m(x), [x, *module.parameters()]) - floor_saved
                 rows.append(dict(dtype=str(dtype).removeprefix("torch."), dropout=p, shape=f"{name} {in_f}->{out_f}",
                                  variant=key, ms=statistics.median(times[key]) * 1e3,
                                  ratio=statistics.median(ratios),

@@ -27,9 +27,9 @@ import argparse
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
+from lora_linear import saved_bytes  # benchmarks/ is on sys.path when a script here runs
 from torch import nn
 
 import lora
@@ -97,25 +97,6 @@ def set_checkpointing(ours: Phi3ForCausalLM, peft_model: nn.Module, enabled: boo
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         hf.gradient_checkpointing_disable()
-
-
-def saved_bytes(step_forward: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward after one forward, once per storage, parameters excluded."""
-    seen = {p.untyped_storage().data_ptr() for p in params}
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step_forward()
-    del loss
-    return total
 
 
 def main() -> None:

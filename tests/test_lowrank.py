@@ -86,14 +86,21 @@ def test_mask_rate_and_independence(p):
     assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (n / 2))
 
 
-def test_thread_count_is_restored_even_on_error():
+def test_thread_count_is_restored_after_forward_backward_and_on_error(monkeypatch):
     import lora
+    import lora.lowrank as lowrank
 
     before = torch.get_num_threads()
     layer = lora.Linear(8, 8, r=2, lora_dropout=0.3)
     x = torch.randn(4, 8, requires_grad=True)
     layer(x).sum().backward()
     assert torch.get_num_threads() == before
-    with pytest.raises(RuntimeError):
-        layer(torch.randn(4, 7))
+
+    def fail(*args):
+        assert torch.get_num_threads() == 1  # inside the one-thread section
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(lowrank, "dropout_positions", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        layer(x)
     assert torch.get_num_threads() == before
