@@ -32,15 +32,16 @@ def reference(x, W, b, A, B, scaling, mask, keep, slices, fan_in_fan_out):
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-@pytest.mark.parametrize("slices", [((0, 7),), ((0, 3), (5, 2)), ((3, 2), (5, 2))])
-def test_gradcheck_against_autograd(p, fan_in_fan_out, slices):
+@pytest.mark.parametrize("slices", [((0, 7),), ((0, 3), (5, 2)), ((3, 2), (5, 2)), ((0, 4), (4, 3))])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_against_autograd(p, fan_in_fan_out, slices, with_bias):
     torch.manual_seed(0)
     n, d_in, d_out, r = 6, 5, 7, 2
     x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
     W = torch.randn(d_out, d_in, dtype=torch.float64, requires_grad=True)
     if fan_in_fan_out:
         W = W.detach().t().contiguous().requires_grad_()
-    b = torch.randn(d_out, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d_out, dtype=torch.float64, requires_grad=True) if with_bias else None
     A = torch.randn(r * len(slices), d_in, dtype=torch.float64, requires_grad=True)
     B = torch.randn(sum(s for _, s in slices), r, dtype=torch.float64, requires_grad=True)
 
@@ -52,6 +53,37 @@ def test_gradcheck_against_autograd(p, fan_in_fan_out, slices):
     keep = 1 - p
     expected = reference(x, W, b, A, B, 1.5, mask, keep, slices, fan_in_fan_out)
     torch.testing.assert_close(fn(x, W, b, A, B), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_output_does_not_read_uninitialised_memory(monkeypatch):
+    # Without a bias, when the adapter slices cover every output column, the output buffer is allocated
+    # uninitialised and the first write ignores its contents: NaN garbage there must not leak through.
+    torch.manual_seed(0)
+    x, W = torch.randn(4, 5), torch.randn(6, 5)
+    A, B = torch.randn(4, 5), torch.randn(6, 2)
+    slices = ((0, 3), (3, 3))
+    expected = reference(x, W, None, A, B, 0.5, None, 1.0, slices, False)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    out = _LowRankLinear.apply(x, W, None, A, B, 0.5, 0.0, 0, slices, False)
+    torch.testing.assert_close(out, expected)
+
+
+def test_wide_inputs_match_autograd():
+    # Past 32767 input features the transposed dropout matrix is sorted with 32-bit keys instead of 16-bit.
+    torch.manual_seed(0)
+    for d_in in (32767, 40000):
+        x = torch.randn(3, d_in, dtype=torch.float64, requires_grad=True)
+        W = torch.randn(2, d_in, dtype=torch.float64)
+        A = torch.randn(2, d_in, dtype=torch.float64, requires_grad=True)
+        B = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(3, 2, dtype=torch.float64)
+        _LowRankLinear.apply(x, W, None, A, B, 2.0, 0.3, 99, ((0, 2),), False).backward(dy)
+        got = x.grad, A.grad, B.grad
+        x.grad = A.grad = B.grad = None
+        reference(x, W, None, A, B, 2.0, dropout_mask(99, x.shape, 0.3), 0.7, ((0, 2),), False).backward(dy)
+        for g, e in zip(got, (x.grad, A.grad, B.grad), strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_positions_cover_small_and_edge_cases():
