@@ -7,10 +7,11 @@ Times ``y = layer(x); y.backward(dy)`` with the input requiring grad and the bas
 - ``peft``: PEFT's LoRA layer via ``get_peft_model`` (float32 adapters, as PEFT makes them);
 - ``loralib``: loralib 0.1.2's ``Linear`` / ``MergedLinear`` (its adapters take the base's dtype).
 
-Variants run interleaved, round after round, so the machine's noise hits them alike; each cell is
-the median over rounds of the ratio to the floor's time in the same round, with the spread (25th-75th
-percentile of those ratios). ``saved MB`` is what a layer keeps for backward beyond the floor: the
-tensors autograd saves, counted once per storage, not counting the input or the parameters.
+Variants run interleaved, round after round (each round starting at the next variant), so the machine's
+noise hits them alike; each cell is the median over rounds of the ratio to the floor's time in the same
+round, with the spread (25th-75th percentile of those ratios). ``saved MB`` is what a layer keeps for
+backward beyond the floor: the tensors autograd saves, counted once per storage, not counting the input or
+the parameters.
 
     python benchmarks/lora_linear.py            # full: 512 tokens, r=16, alpha=32, float32 (+ bf16)
     python benchmarks/lora_linear.py --quick    # tiny shapes, a few rounds: checks it runs
@@ -135,8 +136,10 @@ def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int
             times: dict[str, list[float]] = {k: [] for k in variants}
             for module in variants.values():  # warm-up
                 module(x).backward(dy)
-            for _ in range(rounds):
-                for key, module in variants.items():
+            order = list(variants.items())
+            for i in range(rounds):
+                # each round starts at a different variant, so no one always runs right after the same other
+                for key, module in order[i % len(order):] + order[:i % len(order)]:
                     start = time.perf_counter()
                     module(x).backward(dy)
                     times[key].append(time.perf_counter() - start)
@@ -177,7 +180,7 @@ def print_table(rows: list[dict], check: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds; no targets checked")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--dtypes", default="auto",
                         help="comma-separated (float32,bfloat16); 'auto' skips bfloat16 on CPUs where a bf16 "
