@@ -124,9 +124,10 @@ def bf16_is_slow(tokens: int) -> float:
     return times[torch.bfloat16] / times[torch.float32]
 
 
-def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int) -> list[dict]:
+def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int,
+        dropouts=(0.05, 0.0)) -> list[dict]:
     rows = []
-    for p in (0.05, 0.0):
+    for p in dropouts:
         for name, in_f, out_f in shapes:
             torch.manual_seed(0)
             base = nn.Linear(in_f, out_f, bias=False, dtype=dtype).requires_grad_(False)
@@ -182,11 +183,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 3 rounds; no targets checked")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--shapes", default="all",
+                        help="comma-separated shape names to run (qkv_proj,o_proj,gate_up_proj,down_proj)")
+    parser.add_argument("--dropouts", default="0.05,0.0", help="comma-separated dropout rates")
     parser.add_argument("--dtypes", default="auto",
                         help="comma-separated (float32,bfloat16); 'auto' skips bfloat16 on CPUs where a bf16 "
                              "matmul is over 3x slower than float32")
     args = parser.parse_args()
     shapes, tokens, rounds = (QUICK_SHAPES, 32, 3) if args.quick else (PHI3_MINI_SHAPES, args.tokens, args.rounds)
+    if args.shapes != "all":
+        wanted = args.shapes.split(",")
+        unknown = sorted(set(wanted) - {name for name, _, _ in shapes})
+        if unknown:
+            parser.error(f"unknown shape(s) {unknown}; expected some of {[name for name, _, _ in shapes]}")
+        shapes = [shape for shape in shapes if shape[0] in wanted]
+    dropouts = tuple(float(p) for p in args.dropouts.split(","))
     if args.dtypes == "auto":
         dtypes = [torch.float32, torch.bfloat16]
         if not args.quick:
@@ -200,7 +211,8 @@ def main() -> None:
     print(f"{tokens} tokens, r=16, alpha=32, {rounds} interleaved rounds, {torch.get_num_threads()} threads\n")
     rows = []
     for dtype in dtypes:
-        rows += run(dtype, shapes, tokens, rounds, r=16 if not args.quick else 4, alpha=32 if not args.quick else 8)
+        rows += run(dtype, shapes, tokens, rounds, r=16 if not args.quick else 4, alpha=32 if not args.quick else 8,
+                    dropouts=dropouts)
     print_table(rows, check=not args.quick)
 
 
