@@ -13,7 +13,18 @@ import importlib
 from typing import Any
 
 from .adapter import AdapterMismatchError, load_adapter, save_adapter
-from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
+from .layers import (
+    Conv1d,
+    Conv2d,
+    Conv3d,
+    ConvLoRA,
+    Embedding,
+    Linear,
+    LoRALayer,
+    MergedLinear,
+    check_lora_shapes,
+    check_lora_shapes_on_load,
+)
 from .merging import disable_adapters, merge_lora, merged, merged_state_dict, unmerge_lora
 from .trainable import lora_parameter_names, lora_state_dict, mark_only_lora_as_trainable
 
@@ -36,6 +47,8 @@ __all__ = [
     "merged",
     "merged_state_dict",
     "disable_adapters",
+    "check_lora_shapes",
+    "check_lora_shapes_on_load",
     "save_adapter",
     "load_adapter",
     "AdapterMismatchError",

@@ -18,9 +18,11 @@ per merged layer while it is merged. ``unmerge()`` frees it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,12 +38,17 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "check_lora_shapes",
+    "check_lora_shapes_on_load",
 ]
 
 
 def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``r``, ``lora_alpha`` and ``lora_dropout`` are valid."""
-    if isinstance(r, bool) or not isinstance(r, int):
+    """Raise ``TypeError``/``ValueError`` unless ``r``, ``lora_alpha`` and ``lora_dropout`` are valid.
+
+    Any integer type is accepted for ``r`` (numpy's too, as loralib does); ``bool`` is not.
+    """
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r must be a non-negative int (0 means no LoRA); got {r!r} of type {type(r).__name__}")
     if r < 0:
         raise ValueError(f"r must be a non-negative int (0 means no LoRA); got {r}")
@@ -79,6 +86,7 @@ class LoRALayer:
         self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, *, use_rslora: bool = False
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
+        r = int(r)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
@@ -95,7 +103,10 @@ class LoRALayer:
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in float32 (float64 for a float64 weight), shaped like ``self.weight``."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define delta_weight(): a LoRALayer subclass must return "
+            "scaling * B @ A shaped like its weight before it can be merged"
+        )
 
     def _delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
@@ -154,15 +165,7 @@ class LoRALayer:
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # Check every LoRA shape before torch copies anything into this layer.
-        for name in ("lora_A", "lora_B"):
-            param = self._parameters.get(name)
-            key = prefix + name
-            if param is not None and key in state_dict and state_dict[key].shape != param.shape:
-                raise ValueError(
-                    f"shape mismatch for {key}: this layer expects {tuple(param.shape)} "
-                    f"(r={self.r}), the state dict has {tuple(state_dict[key].shape)}"
-                )
+        check_lora_shapes(self, state_dict, prefix)  # before torch copies anything into this layer
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -180,6 +183,39 @@ class LoRALayer:
         return text
 
 
+def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise ``ValueError`` naming the first ``lora_A``/``lora_B`` in ``state_dict`` whose shape differs
+    from the one in ``model`` (keys under ``prefix``). Keys the model lacks are left to ``load_state_dict``.
+    """
+    for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
+        if not isinstance(module, LoRALayer):
+            continue
+        for param_name in ("lora_A", "lora_B"):
+            param = module._parameters.get(param_name)
+            key = f"{name}.{param_name}" if name else param_name
+            if param is not None and key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"shape mismatch for {key}: this layer expects {tuple(param.shape)} "
+                    f"(r={module.r}), the state dict has {tuple(state_dict[key].shape)}"
+                )
+
+
+def _check_lora_shapes_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    check_lora_shapes(module, state_dict, prefix)
+
+
+def check_lora_shapes_on_load(model: nn.Module) -> None:
+    """Make ``model.load_state_dict`` check every LoRA shape before it loads anything. Idempotent.
+
+    Each LoRA layer checks its own keys anyway, but torch loads module by module, so without this a
+    mismatch in a late layer would be raised after earlier modules were overwritten.
+    ``mark_only_lora_as_trainable`` and the Phi-3 patcher call it on the model they are given.
+    """
+    hooks = model._load_state_dict_pre_hooks.values()
+    if not any(getattr(hook, "hook", None) is _check_lora_shapes_hook for hook in hooks):
+        model.register_load_state_dict_pre_hook(_check_lora_shapes_hook)
+
+
 def _adopt(cls: type, module: nn.Module, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> Any:
     """A new ``cls`` instance holding ``module``'s attributes and its very Parameter objects, with LoRA state.
 
@@ -191,6 +227,18 @@ def _adopt(cls: type, module: nn.Module, r, lora_alpha, lora_dropout, merge_weig
         layer.__dict__[key] = value.copy() if isinstance(value, (dict, set)) else value
     LoRALayer.__init__(layer, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
     return layer
+
+
+def _check_weight_layout(module: nn.Linear, fan_in_fan_out: bool) -> None:
+    # An nn.Linear stores (out, in); only loralib-style layers built with fan_in_fan_out=True store
+    # (in, out), and they say so. A mismatch would be silently wrong on a square layer.
+    stored = bool(getattr(module, "fan_in_fan_out", False))
+    if fan_in_fan_out != stored:
+        layout = "(in_features, out_features)" if stored else "(out_features, in_features)"
+        raise ValueError(
+            f"fan_in_fan_out={fan_in_fan_out} does not match the module: its weight is stored as {layout} "
+            f"{tuple(module.weight.shape)}; pass fan_in_fan_out={stored}"
+        )
 
 
 def _init_adapters(layer: LoRALayer, a_shape: Sequence[int], b_shape: Sequence[int], dtype: torch.dtype) -> None:
@@ -260,6 +308,7 @@ class Linear(LoRALayer, nn.Linear):
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
+        _check_weight_layout(module, fan_in_fan_out)
         layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
         if r > 0:
@@ -356,8 +405,8 @@ class MergedLinear(Linear):
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
         check_hyperparameters(r, lora_alpha, lora_dropout)
+        enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -395,6 +444,8 @@ class MergedLinear(Linear):
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"MergedLinear.from_module expects an nn.Linear; got {type(module).__name__}")
+        _check_weight_layout(module, fan_in_fan_out)
+        check_hyperparameters(r, lora_alpha, lora_dropout)
         if enable_lora is None:
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
@@ -412,8 +463,9 @@ class MergedLinear(Linear):
         out_features: int, r: int, enable_lora: Sequence[bool], split_sizes: Sequence[int] | None
     ) -> tuple[tuple[bool, ...], tuple[int, ...]]:
         enable = tuple(enable_lora)
-        if not enable or not all(isinstance(e, bool) for e in enable):
+        if not enable or not all(isinstance(e, (bool, np.bool_)) for e in enable):
             raise TypeError(f"enable_lora must be a non-empty sequence of bools; got {enable_lora!r}")
+        enable = tuple(bool(e) for e in enable)  # numpy bools too, as loralib takes them
         if split_sizes is None:
             if out_features % len(enable) != 0:
                 raise ValueError(
@@ -457,8 +509,9 @@ class Embedding(LoRALayer, nn.Embedding):
 
     As in loralib, ``lora_A`` is (r, num_embeddings), zeros, and ``lora_B`` is (embedding_dim, r),
     normal: the reverse of ``Linear``'s init, since a lookup has no input to project. The
-    ``padding_idx`` row's delta is always zero, ``max_norm`` renormalises the looked-up base rows
-    without writing the weight or ``lora_A``, and ``sparse=True`` is refused with ``r > 0``.
+    ``padding_idx`` row's delta is always zero, ``max_norm`` renormalises the looked-up rows of
+    ``E'`` (merged or not) without writing the weight or ``lora_A``, and ``sparse=True`` is refused
+    with ``r > 0``.
     """
 
     def __init__(
@@ -521,24 +574,27 @@ class Embedding(LoRALayer, nn.Embedding):
             delta[self.padding_idx] = 0
         return delta
 
-    def _lookup_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(x, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+    def _lookup(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+
+    def _renorm(self, rows: torch.Tensor) -> torch.Tensor:
+        # torch renormalises the weight in place; we scale the looked-up rows of W + delta instead, so the
+        # weight and lora_A are never written and merged and unmerged forwards agree.
         if self.max_norm is None:
             return rows
-        # torch renormalises the weight in place; we scale the looked-up rows and keep the weight intact.
         norms = rows.detach().float().norm(p=self.norm_type, dim=-1, keepdim=True)
         scale = torch.where(norms > self.max_norm, self.max_norm / (norms + 1e-7), torch.ones_like(norms))
         return rows * scale.to(rows.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._uses_lora_path():
-            return self._lookup_base(x, self._effective_weight())
-        result = self._lookup_base(x, self.weight)
+            return self._renorm(self._lookup(x, self._effective_weight()))
+        rows = self._lookup(x, self.weight)
         after_A = F.embedding(x, self.lora_A.t(), None, None, 2.0, self.scale_grad_by_freq)  # (..., r)
         if self.padding_idx is not None:
             after_A = after_A.masked_fill((x == self.padding_idx).unsqueeze(-1), 0)
         delta = (after_A @ self.lora_B.t()) * self.scaling
-        return result + delta.to(result.dtype)
+        return self._renorm(rows + delta.to(rows.dtype))
 
 
 class ConvLoRA(LoRALayer):
@@ -672,26 +728,31 @@ class Conv1d(ConvLoRA, nn.Conv1d):
     """``nn.Conv1d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ConvLoRA.__init__(self, nn.Conv1d, *_strip_conv_type(args, nn.Conv1d), **kwargs)
+        ConvLoRA.__init__(self, nn.Conv1d, *_strip_conv_type(args, kwargs, nn.Conv1d), **kwargs)
 
 
 class Conv2d(ConvLoRA, nn.Conv2d):
     """``nn.Conv2d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ConvLoRA.__init__(self, nn.Conv2d, *_strip_conv_type(args, nn.Conv2d), **kwargs)
+        ConvLoRA.__init__(self, nn.Conv2d, *_strip_conv_type(args, kwargs, nn.Conv2d), **kwargs)
 
 
 class Conv3d(ConvLoRA, nn.Conv3d):
     """``nn.Conv3d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ConvLoRA.__init__(self, nn.Conv3d, *_strip_conv_type(args, nn.Conv3d), **kwargs)
+        ConvLoRA.__init__(self, nn.Conv3d, *_strip_conv_type(args, kwargs, nn.Conv3d), **kwargs)
 
 
-def _strip_conv_type(args: tuple, conv_type: type) -> tuple:
+def _strip_conv_type(args: tuple, kwargs: dict[str, Any], conv_type: type) -> tuple:
     # `ConvLoRA(nn.Conv2d, ...)` returns a Conv2d, and Python then calls Conv2d.__init__ with the
-    # same arguments, conv type included.
+    # same arguments, conv type included (positional or `conv_module=`).
+    if "conv_module" in kwargs:
+        given = kwargs.pop("conv_module")
+        if given is not conv_type:
+            raise TypeError(f"conv_module={given!r} contradicts the layer type, which is a {conv_type.__name__}")
+        return args
     return args[1:] if args and args[0] is conv_type else args
 
 

@@ -18,8 +18,8 @@ from .layers import LoRALayer
 __all__ = ["merge_lora", "unmerge_lora", "merged", "merged_state_dict", "disable_adapters"]
 
 
-def _lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    for name, module in model.named_modules():
+def _lora_layers(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator[tuple[str, LoRALayer]]:
+    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if isinstance(module, LoRALayer):
             yield name, module
 
@@ -50,8 +50,8 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
     ...     y = model(x)
     """
     was_merged = [(layer, layer.merged) for _, layer in _lora_layers(model)]
-    merge_lora(model)
     try:
+        merge_lora(model)  # inside the try: a merge failing part-way (out of memory) is undone too
         yield model
     finally:
         for layer, state in was_merged:
@@ -80,10 +80,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     loralib's habit of calling ``model.eval()`` and saving ``model.state_dict()``.
     """
     state = model.state_dict()
-    for name, layer in _lora_layers(model):
+    merged_weights: dict[int, torch.Tensor] = {}
+    # every name a shared layer has, as state_dict() lists them all; its merged weight is computed once
+    for name, layer in _lora_layers(model, remove_duplicate=False):
         prefix = f"{name}." if name else ""
         if not layer.has_lora:
             continue
-        state[prefix + "weight"] = layer.merged_weight_tensor()
+        if id(layer) not in merged_weights:
+            merged_weights[id(layer)] = layer.merged_weight_tensor()
+        state[prefix + "weight"] = merged_weights[id(layer)]
         del state[prefix + "lora_A"], state[prefix + "lora_B"]
     return state

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .layers import LoRALayer
+from .layers import LoRALayer, check_lora_shapes_on_load
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "lora_parameter_names"]
 
@@ -41,10 +41,15 @@ def lora_parameter_names(model: nn.Module, bias: BiasMode = "none") -> list[str]
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: BiasMode = "none") -> None:
-    """Freeze every parameter except the adapters (and the biases that ``bias`` selects)."""
+    """Freeze every parameter except the adapters (and the biases that ``bias`` selects).
+
+    Also makes ``model.load_state_dict`` check every LoRA shape before loading anything
+    (``lora.check_lora_shapes_on_load``), so a mismatched checkpoint changes nothing.
+    """
     trainable = set(lora_parameter_names(model, bias))
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad = name in trainable
+    check_lora_shapes_on_load(model)
 
 
 def lora_state_dict(model: nn.Module, bias: BiasMode = "none") -> dict[str, torch.Tensor]:

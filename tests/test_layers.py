@@ -436,9 +436,19 @@ def test_embedding_max_norm_rewrites_neither_weight_nor_lora_a():
     weight, a = layer.weight.detach().clone(), layer.lora_A.detach().clone()
     out = layer(torch.tensor([1, 2, 3]))
     assert torch.equal(layer.weight, weight) and torch.equal(layer.lora_A, a)
-    base_rows = torch.nn.functional.embedding(torch.tensor([1, 2, 3]), weight.clone(), max_norm=0.5)
-    delta = layer.delta_weight()[[1, 2, 3]]
-    torch.testing.assert_close(out, base_rows + delta)
+    # nn.Embedding's renormalisation of the adapted table W + delta, done on a copy
+    adapted = weight + layer.delta_weight().detach()
+    torch.testing.assert_close(out, torch.nn.functional.embedding(torch.tensor([1, 2, 3]), adapted, max_norm=0.5))
+    assert out.norm(dim=-1).max() <= 0.5 + 1e-6
+
+
+def test_embedding_max_norm_merged_equals_unmerged():
+    layer = lora.Embedding(10, 4, r=2, max_norm=0.5, padding_idx=0)
+    randomise(layer)
+    x = torch.tensor([[0, 1, 2], [3, 9, 0]])
+    unmerged = layer(x)
+    with lora.merged(layer):
+        torch.testing.assert_close(layer(x), unmerged)
 
 
 def test_embedding_sparse_is_refused_with_r():
@@ -555,3 +565,66 @@ def test_gradients_reach_exactly_the_trainable_parameters_property(kind, r, bias
     trainable = set(lora.lora_parameter_names(layer, bias))
     for name, param in layer.named_parameters():
         assert (param.grad is not None) == (name in trainable), name
+
+
+def test_model_level_load_with_a_late_wrong_shape_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), lora.Linear(4, 4, r=2), lora.Linear(4, 4, r=2))
+    other = nn.Sequential(nn.Linear(4, 4), lora.Linear(4, 4, r=2), lora.Linear(4, 4, r=3))
+    randomise(other)
+    lora.mark_only_lora_as_trainable(model)
+    lora.mark_only_lora_as_trainable(model)  # idempotent: one hook
+    assert len(model._load_state_dict_pre_hooks) == 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for target in (model, copy.deepcopy(model)):
+        with pytest.raises(ValueError) as info:
+            target.load_state_dict(other.state_dict())
+        assert str(info.value) == (
+            "shape mismatch for 2.lora_A: this layer expects (2, 4) (r=2), the state dict has (3, 4)"
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # lora.check_lora_shapes is the same check, callable on its own
+    with pytest.raises(ValueError, match=r"shape mismatch for 2\.lora_A"):
+        lora.check_lora_shapes(nn.Sequential(nn.Linear(4, 4), lora.Linear(4, 4, r=2), lora.Linear(4, 4, r=2)),
+                               other.state_dict())
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_from_module_refuses_a_fan_in_fan_out_that_contradicts_the_weight(merged):
+    base = nn.Linear(6, 6)
+    with pytest.raises(ValueError) as info:
+        if merged:
+            lora.MergedLinear.from_module(base, (2, 2, 2), r=2, fan_in_fan_out=True)
+        else:
+            lora.Linear.from_module(base, r=2, fan_in_fan_out=True)
+    assert str(info.value) == (
+        "fan_in_fan_out=True does not match the module: its weight is stored as (out_features, in_features) "
+        "(6, 6); pass fan_in_fan_out=False"
+    )
+    assert base.weight.requires_grad  # nothing was frozen
+    # a layer that stores (in, out) says so, and wraps with fan_in_fan_out=True
+    transposed = lora.Linear(6, 4, fan_in_fan_out=True)
+    layer = lora.Linear.from_module(transposed, r=2, fan_in_fan_out=True)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(layer(x), transposed(x))
+
+
+@pytest.mark.parametrize("r", ["2", None, 2.0])
+def test_merged_linear_reports_a_bad_r_before_checking_slices(r):
+    with pytest.raises(TypeError, match=r"^r must be a non-negative int \(0 means no LoRA\); got "):
+        lora.MergedLinear(4, 6, r=r, enable_lora=(True, False))
+    with pytest.raises(TypeError, match=r"^r must be a non-negative int"):
+        lora.MergedLinear.from_module(nn.Linear(4, 6), (3, 3), r=r)
+
+
+def test_a_lora_layer_subclass_without_delta_weight_says_what_is_missing():
+    class Custom(lora.LoRALayer, nn.Module):
+        def __init__(self):
+            nn.Module.__init__(self)
+            lora.LoRALayer.__init__(self, 2, 1, 0.0, False)
+            self.weight = nn.Parameter(torch.zeros(2, 2))
+            self.lora_A = nn.Parameter(torch.zeros(2, 2))
+            self.lora_B = nn.Parameter(torch.zeros(2, 2))
+
+    with pytest.raises(NotImplementedError, match=r"^Custom does not define delta_weight\(\): a LoRALayer subclass"):
+        lora.merge_lora(nn.Sequential(Custom()))

@@ -1,5 +1,6 @@
 """Model-level merge helpers: merge_lora, unmerge_lora, merged, merged_state_dict, disable_adapters."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -64,3 +65,38 @@ def test_disable_adapters_runs_the_base_alone():
         with lora.merged(model):  # merged or not, the base alone
             torch.testing.assert_close(model(x), plain(x))
     torch.testing.assert_close(model(x), with_adapters)
+
+
+def test_merged_restores_every_layer_when_the_block_or_the_merge_itself_fails():
+    model, x = model_and_input()
+    expected = model(x)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with lora.merged(model):
+            raise RuntimeError("inside the block")
+    assert not model[0].merged and not model[2].merged
+
+    class FailsToMerge(lora.Linear):
+        def merge(self):
+            raise RuntimeError("out of memory")
+
+    failing = FailsToMerge(12, 4, r=2, merge_weights=False)
+    chain = nn.Sequential(model, failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with lora.merged(chain):
+            pass
+    assert not model[0].merged and not model[2].merged
+    assert model[0].merged_weight is None and model[2].merged_weight is None
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_merged_state_dict_folds_a_shared_layer_under_each_of_its_names():
+    shared = lora.Linear(4, 4, r=2)
+    with torch.no_grad():
+        shared.lora_B.normal_()
+    model = nn.Sequential(shared, nn.GELU(), shared)
+    state = lora.merged_state_dict(model)
+    assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    plain = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+    plain.load_state_dict(state)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(plain(x), model(x))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora.layers import Linear, LoRALayer, MergedLinear, check_hyperparameters
+from lora.layers import Linear, LoRALayer, MergedLinear, check_hyperparameters, check_lora_shapes_on_load
 
 __all__ = ["DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "patch"]
 
@@ -208,6 +208,7 @@ def apply_specs(model: nn.Module, specs: Sequence[ModuleSpec], adapter_dtype: to
         setattr(parent, attr, layer)
         layer.lora_A.requires_grad = True
         layer.lora_B.requires_grad = True
+    check_lora_shapes_on_load(model)
     for spec, (_, _, layer) in zip(specs, built, strict=True):
         slices = "all"
         if spec.enable_lora is not None:

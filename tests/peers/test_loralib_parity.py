@@ -1,5 +1,6 @@
 """Same seed, same parameters, same outputs as loralib 0.1.2; checkpoints load both ways."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -106,3 +107,19 @@ def test_signatures_match_loralib():
             assert ours[p.name].default == default, (name, p.name)
     assert issubclass(lora.Linear, nn.Linear) and issubclass(lora.MergedLinear, nn.Linear)
     assert issubclass(lora.Embedding, nn.Embedding)
+
+
+def test_convlora_accepts_every_argument_by_keyword_as_loralib_does():
+    layer = lora.ConvLoRA(conv_module=nn.Conv2d, in_channels=3, out_channels=6, kernel_size=3, r=2)
+    reference = loralib.ConvLoRA(conv_module=nn.Conv2d, in_channels=3, out_channels=6, kernel_size=3, r=2)
+    assert type(layer) is lora.Conv2d and layer.lora_A.shape == reference.lora_A.shape
+    with pytest.raises(TypeError, match="conv_module=<class 'torch.nn.modules.conv.Conv1d'> contradicts the layer "
+                                        "type, which is a Conv2d"):
+        lora.Conv2d(conv_module=nn.Conv1d, in_channels=3, out_channels=6, kernel_size=3)
+
+
+def test_numpy_ints_and_bools_are_accepted_as_loralib_accepts_them():
+    layer = lora.MergedLinear(4, 6, r=np.int64(2), enable_lora=np.array([True, False]))
+    reference = loralib.MergedLinear(4, 6, r=np.int64(2), enable_lora=np.array([True, False]))
+    assert type(layer.r) is int and layer.enable_lora == (True, False)
+    assert layer.lora_A.shape == reference.lora_A.shape and layer.lora_B.shape == reference.lora_B.shape
