@@ -628,3 +628,68 @@ def test_a_lora_layer_subclass_without_delta_weight_says_what_is_missing():
 
     with pytest.raises(NotImplementedError, match=r"^Custom does not define delta_weight\(\): a LoRALayer subclass"):
         lora.merge_lora(nn.Sequential(Custom()))
+
+
+@st.composite
+def any_layer(draw):
+    """A layer of any kind with drawn shapes (kernels, strides, groups, padding_idx...) and its input."""
+    kind = draw(st.sampled_from(["Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d"]))
+    r = draw(st.integers(1, 4))
+    common = dict(r=r, lora_alpha=draw(st.sampled_from([1, 2 * r])), use_rslora=draw(st.booleans()))
+    if kind == "Linear":
+        n_in, n_out = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+        layer = lora.Linear(n_in, n_out, fan_in_fan_out=draw(st.booleans()), bias=draw(st.booleans()), **common)
+        return layer, torch.randn(3, n_in)
+    if kind == "Embedding":
+        num, dim = draw(st.integers(2, 20)), draw(st.integers(1, 8))
+        padding_idx = draw(st.one_of(st.none(), st.integers(0, num - 1)))
+        max_norm = draw(st.one_of(st.none(), st.sampled_from([0.5, 2.0])))
+        layer = lora.Embedding(num, dim, padding_idx=padding_idx, max_norm=max_norm, **common)
+        return layer, torch.randint(0, num, (2, 5))
+    dims = int(kind[-2])
+    groups = draw(st.integers(1, 2))
+    c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = draw(st.one_of(st.integers(1, 3), st.tuples(*[st.integers(1, 3)] * dims)))
+    stride, dilation, padding = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(0, 1))
+    layer = {1: lora.Conv1d, 2: lora.Conv2d, 3: lora.Conv3d}[dims](
+        c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, **common)
+    return layer, torch.randn((2, c_in) + (7,) * dims)
+
+
+def _reference(layer, x):
+    """The layer's output in float64 from the one delta definition: W + delta in the torch op."""
+    weight = layer.weight.double() + layer.delta_weight().double()
+    bias = getattr(layer, "bias", None)
+    bias = None if bias is None else bias.double()
+    if isinstance(layer, nn.Embedding):
+        return nn.functional.embedding(x, weight, layer.padding_idx, max_norm=layer.max_norm)
+    if isinstance(layer, nn.Linear):
+        return nn.functional.linear(x.double(), weight.t() if layer.fan_in_fan_out else weight, bias)
+    return layer._conv_forward(x.double(), weight, bias)
+
+
+@given(made=any_layer(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_every_layer_merged_equals_unmerged_and_round_trips_property(made, dtype, seed):
+    layer, x = made
+    layer = layer.to(dtype)
+    randomise(layer, seed=seed, scale=0.2)
+    x = x.to(dtype) if x.is_floating_point() else x
+    unmerged = layer(x)
+    with lora.merged(layer):
+        merged = layer(x)
+    expected = _reference(layer, x)
+    tol = TOL[dtype] * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(unmerged.double(), expected, rtol=0, atol=tol)
+    torch.testing.assert_close(merged.double(), expected, rtol=0, atol=tol)
+    assert unmerged.dtype == merged.dtype == dtype
+    # a fresh layer of the same configuration loads the state dict and computes the same bits
+    fresh = copy.deepcopy(layer)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), unmerged)
+    fresh.eval()
+    layer.eval()
+    assert torch.equal(fresh(x), layer(x))

@@ -97,7 +97,7 @@ def test_loralib_double_applies_a_merged_state_dict_and_we_do_not():
 def test_signatures_match_loralib():
     import inspect
 
-    for name in ["Linear", "MergedLinear", "Embedding"]:
+    for name in ["Linear", "MergedLinear", "Embedding", "ConvLoRA", "LoRALayer"]:
         ours = inspect.signature(getattr(lora, name).__init__).parameters
         theirs = inspect.signature(getattr(loralib, name).__init__).parameters
         positional = [p for p in theirs.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
