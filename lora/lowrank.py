@@ -154,18 +154,17 @@ class _LowRankLinear(torch.autograd.Function):
         B = lora_B.to(dtype)
         r = A.shape[0] // len(slices)
 
-        # G_j = scaling / (1 - p) * dy[:, slice_j] @ B_j, side by side: (N, r * len(slices))
-        g_parts, dB_parts = [], []
+        # G_j = scaling / (1 - p) * dy[:, slice_j] @ B_j side by side, and dB_j = scaling * dy[:, slice_j].T @ xa_j,
+        # each written in place with the scale as the GEMM's alpha: no concatenation, no scaling pass.
+        g = torch.empty(dy.shape[0], A.shape[0], dtype=dtype, device=dy.device)
+        dB = torch.empty(B.shape, dtype=dtype, device=dy.device)
         row = 0
         for j, (offset, size) in enumerate(slices):
-            dy_j = dy[:, offset : offset + size]
-            g_parts.append(dy_j @ B[row : row + size])
-            dB_parts.append((xa[:, j * r : (j + 1) * r].t() @ dy_j).t())  # faster than dy_j.t() @ xa_j here
+            dy_j, cols = dy[:, offset : offset + size], slice(j * r, (j + 1) * r)
+            g[:, cols].addmm_(dy_j, B[row : row + size], beta=0.0, alpha=scaling / (1.0 - p))
+            dB[row : row + size].t().addmm_(xa[:, cols].t(), dy_j, beta=0.0, alpha=scaling)
             row += size
-        g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, dim=1)
-        g *= scaling / (1.0 - p)
-        dB = dB_parts[0] if len(dB_parts) == 1 else torch.cat(dB_parts, dim=0)
-        dB = (dB * scaling).to(lora_B.dtype).contiguous()
+        dB = dB.to(lora_B.dtype)
 
         dropped_x = x
         if positions is not None:

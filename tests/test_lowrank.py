@@ -55,18 +55,24 @@ def test_gradcheck_against_autograd(p, fan_in_fan_out, slices, with_bias):
     torch.testing.assert_close(fn(x, W, b, A, B), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_output_does_not_read_uninitialised_memory(monkeypatch):
-    # Without a bias, when the adapter slices cover every output column, the output buffer is allocated
-    # uninitialised and the first write ignores its contents: NaN garbage there must not leak through.
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_nothing_reads_uninitialised_memory(monkeypatch, p):
+    # Buffers written with beta = 0 are allocated uninitialised: without a bias, when the adapter slices cover
+    # every output column, the output; in backward, G and dB. NaN garbage there must not leak through.
     torch.manual_seed(0)
-    x, W = torch.randn(4, 5), torch.randn(6, 5)
-    A, B = torch.randn(4, 5), torch.randn(6, 2)
+    x, W = torch.randn(4, 5, requires_grad=True), torch.randn(6, 5)
+    A, B = torch.randn(4, 5, requires_grad=True), torch.randn(6, 2, requires_grad=True)
     slices = ((0, 3), (3, 3))
-    expected = reference(x, W, None, A, B, 0.5, None, 1.0, slices, False)
+    mask = dropout_mask(99, x.shape, p) if p else None
+    expected = reference(x, W, None, A, B, 0.5, mask, 1 - p, slices, False)
+    dy = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, A, B), dy)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    out = _LowRankLinear.apply(x, W, None, A, B, 0.5, 0.0, 0, slices, False)
+    out = _LowRankLinear.apply(x, W, None, A, B, 0.5, p, 99, slices, False)
     torch.testing.assert_close(out, expected)
+    for got, want in zip(torch.autograd.grad(out, (x, A, B), dy), expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_positions_cover_small_and_edge_cases():
