@@ -9,7 +9,10 @@ Times ``y = layer(x); y.backward(dy)`` with the input requiring grad and the bas
 
 Variants run interleaved, round after round (each round starting at the next variant), so the machine's
 noise hits them alike; each cell is the median over rounds of the ratio to the floor's time in the same
-round, with the spread (25th-75th percentile of those ratios). ``saved MB`` is what a layer keeps for
+round, with the spread (25th-75th percentile of those ratios) and a 95% confidence interval for that median
+(distribution-free, from order statistics). A target counts as met only when the whole interval is under it,
+missed when the whole interval is over it, and undecided otherwise; the comparison with PEFT is read the same
+way from the per-round ratio of the two layers' times. ``saved MB`` is what a layer keeps for
 backward beyond the floor: the tensors autograd saves, counted once per storage, not counting the input or
 the parameters.
 
@@ -20,6 +23,7 @@ the parameters.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -111,6 +115,18 @@ def saved_bytes(step_forward: Callable[[], torch.Tensor], exclude: list[torch.Te
     return total
 
 
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median: the k-th smallest and k-th largest values, with
+    k the largest count such that Binomial(n, 1/2) <= k - 1 has probability at most (1 - confidence) / 2.
+    With too few values for that confidence, the whole range."""
+    ordered, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else (ordered[0], ordered[-1])
+
+
 def bf16_is_slow(tokens: int) -> float:
     """How much slower a frozen bf16 layer is than float32 here (CPUs without bf16 matmul units)."""
     times = {}
@@ -148,23 +164,29 @@ def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int
             for key, module in variants.items():
                 ratios = [t / f for t, f in zip(times[key], times["floor"], strict=True)]
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                to_peft = [t / f for t, f in zip(times[key], times["peft"], strict=True)] if "peft" in times else None
                 saved = saved_bytes(lambda m=module, x=x: m(x), [x, *module.parameters()]) - floor_saved
                 rows.append(dict(dtype=str(dtype).removeprefix("torch."), dropout=p, shape=f"{name} {in_f}->{out_f}",
                                  variant=key, ms=statistics.median(times[key]) * 1e3,
-                                 ratio=statistics.median(ratios),
-                                 spread=(q[0], q[2]), saved_mb=saved / 2**20))
+                                 ratio=statistics.median(ratios), ci=median_ci(ratios),
+                                 spread=(q[0], q[2]), saved_mb=saved / 2**20,
+                                 to_peft=statistics.median(to_peft) if to_peft else None,
+                                 to_peft_ci=median_ci(to_peft) if to_peft else None))
     return rows
 
 
+def _verdict(ci: tuple[float, float], limit: float, under: str, over: str) -> str:
+    return under if ci[1] <= limit else over if ci[0] > limit else "undecided"
+
+
 def print_table(rows: list[dict], check: bool) -> None:
-    print("| dtype | dropout | shape | variant | median ms | x floor | spread (IQR) | x peft | saved MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    peft = {(r["dtype"], r["dropout"], r["shape"]): r["ratio"] for r in rows if r["variant"] == "peft"}
+    print("| dtype | dropout | shape | variant | median ms | x floor | 95% CI | spread (IQR) | x peft | saved MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        vs_peft = peft.get((row["dtype"], row["dropout"], row["shape"]))
-        vs = f"{row['ratio'] / vs_peft:.3f}" if vs_peft and row["variant"] != "floor" else ""
+        vs = f"{row['to_peft']:.3f}" if row["to_peft"] is not None and row["variant"] != "floor" else ""
         print(f"| {row['dtype']} | {row['dropout']} | {row['shape']} | {row['variant']} | {row['ms']:.1f} | "
-              f"{row['ratio']:.3f} | {row['spread'][0]:.3f}-{row['spread'][1]:.3f} | {vs} | {row['saved_mb']:.1f} |")
+              f"{row['ratio']:.3f} | {row['ci'][0]:.3f}-{row['ci'][1]:.3f} | "
+              f"{row['spread'][0]:.3f}-{row['spread'][1]:.3f} | {vs} | {row['saved_mb']:.1f} |")
     if not check:
         return
     print()
@@ -173,9 +195,14 @@ def print_table(rows: list[dict], check: bool) -> None:
             continue
         dtype = getattr(torch, row["dtype"])
         target = TARGETS[(dtype, row["dropout"] > 0)]
-        verdict = "meets" if row["ratio"] <= target else "MISSES"
-        print(f"{row['dtype']} dropout {row['dropout']} {row['shape']}: lora {row['ratio']:.3f}x floor "
-              f"{verdict} the {target:.2f}x target")
+        line = (f"{row['dtype']} dropout {row['dropout']} {row['shape']}: lora {row['ratio']:.3f}x floor "
+                f"(95% CI {row['ci'][0]:.3f}-{row['ci'][1]:.3f}), target {target:.2f}x: "
+                f"{_verdict(row['ci'], target, 'meets', 'MISSES')}")
+        if row["to_peft"] is not None:
+            faster = _verdict(row["to_peft_ci"], 1.0, "faster", "SLOWER")
+            line += (f"; {row['to_peft']:.3f}x PEFT's time (95% CI {row['to_peft_ci'][0]:.3f}-"
+                     f"{row['to_peft_ci'][1]:.3f}): {faster}")
+        print(line)
 
 
 def main() -> None:
