@@ -146,3 +146,25 @@ def test_patching_allocates_only_the_adapters(hf_checkpoint):
     adapter_bytes = summary.trainable * 4  # float32
     base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
     assert mode.bytes <= 2 * adapter_bytes < base_bytes
+
+
+def test_a_state_dict_of_another_rank_changes_nothing_in_a_patched_model(hf_checkpoint):
+    _, path = hf_checkpoint()
+    model = from_pretrained(path)
+    patch(model, r=4, targets=("qkv_proj", "o_proj"))
+    other = from_pretrained(path)
+    patch(other, r=4, targets=("qkv_proj", "o_proj"))
+    last = len(other.model.layers) - 1
+    # the same model, but the last layer's o_proj adapter has rank 2: everything before it matches
+    other.model.layers[last].self_attn.o_proj = lora.Linear.from_module(
+        torch.nn.Linear(TINY["hidden_size"], TINY["hidden_size"], bias=False), r=2)
+    randomise_adapters(other)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^shape mismatch for model\.layers\.{last}\.self_attn\.o_proj\.lora_A: "
+                                         r"this layer expects \(4, \d+\) \(r=4\), the state dict has \(2, \d+\)$"):
+        model.load_state_dict(other.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
