@@ -3,9 +3,13 @@
 (benchmarks/phi3_load.py and benchmarks/train_step.py have their own tests.)
 """
 
+import importlib.util
+import random
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,3 +22,38 @@ def test_lora_linear_quick_mode_prints_every_variant():
     variants = {row[3] for row in rows}
     assert {"floor", "lora", "lora merged", "peft", "loralib", "loralib merged"} <= variants
     assert len({row[2] for row in rows}) == 4  # the four Phi-3 projection shapes
+
+
+def _lora_linear_module():
+    spec = importlib.util.spec_from_file_location("lora_linear_bench", ROOT / "benchmarks" / "lora_linear.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("n", "ranks"), [(5, (1, 5)), (6, (1, 6)), (9, (2, 8)), (40, (14, 27)), (100, (40, 61))])
+def test_median_ci_is_the_order_statistics_of_the_binomial_table(n, ranks):
+    # ranks from the standard table for a 95% distribution-free interval of the median (n = 5, 6: the whole range)
+    values = [float(v) for v in random.Random(n).sample(range(1, n + 1), n)]
+    assert _lora_linear_module().median_ci(values) == (float(ranks[0]), float(ranks[1]))
+
+
+def test_verdicts_need_the_whole_interval_on_one_side(capsys):
+    bench = _lora_linear_module()
+
+    def row(dropout, ci, to_peft, to_loralib):
+        return dict(dtype="float32", dropout=dropout, shape="o_proj 8->8", variant="lora", ms=1.0, ratio=sum(ci) / 2,
+                    ci=ci, spread=ci, saved_mb=0.0, to_peer={"peft": to_peft, "loralib": to_loralib})
+
+    bench.print_table([row(0.0, (1.01, 1.05), (0.9, (0.8, 0.99)), (1.0, (0.99, 1.01))),
+                       row(0.0, (1.02, 1.06), (1.1, (1.01, 1.2)), (0.9, (0.8, 0.999))),
+                       row(0.05, (1.11, 1.12), (1.0, (1.0, 1.0)), (1.0, (1.0, 1.001)))], check=True)
+    verdicts = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [line.split(": ", 1)[1] for line in verdicts] == [
+        "lora 1.030x floor (95% CI 1.010-1.050), target 1.05x: meets; 0.900x peft's time (95% CI 0.800-0.990): "
+        "faster; 1.000x loralib's time (95% CI 0.990-1.010): undecided",
+        "lora 1.040x floor (95% CI 1.020-1.060), target 1.05x: undecided; 1.100x peft's time (95% CI 1.010-1.200): "
+        "SLOWER; 0.900x loralib's time (95% CI 0.800-0.999): faster",
+        "lora 1.115x floor (95% CI 1.110-1.120), target 1.10x: MISSES; 1.000x peft's time (95% CI 1.000-1.000): "
+        "undecided; 1.000x loralib's time (95% CI 1.000-1.001): undecided",
+    ]
