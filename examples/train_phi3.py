@@ -342,8 +342,11 @@ def embedded_model_dir() -> Path:
     """The tiny random Phi-3 checkpoint (float32, seed 1234), written once as a real checkpoint directory."""
     if (EMBEDDED_DIR / "config.json").is_file():
         return EMBEDDED_DIR
-    torch.manual_seed(EMBEDDED_SEED)
-    model = Phi3ForCausalLM(Phi3Config(**EMBEDDED_MODEL))
+    # On a forked RNG: the run's own stream (adapter init, data order, dropout) must not depend on whether
+    # this call found the checkpoint already written.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EMBEDDED_SEED)
+        model = Phi3ForCausalLM(Phi3Config(**EMBEDDED_MODEL))
     # A frozen random head behind RMSNorm can only reach logits up to |w| sqrt(hidden): with nn.Linear's init
     # that is ~6, too flat to ever be confident. 3x wider rows let LoRA reach sharp predictions; the untrained
     # loss is then above uniform (about 7.1 vs ln 264 = 5.6), so the unigram loss is printed as the reference.

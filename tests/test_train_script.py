@@ -195,3 +195,19 @@ def test_loss_curve_png(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert train_phi3.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_writing_the_embedded_checkpoint_leaves_the_run_s_random_stream_alone(tmp_path, monkeypatch):
+    # The first run on a fresh machine writes the embedded model; its adapters (drawn from torch's generator after
+    # --seed) must equal those of every later run, which finds the model already written.
+    cached = train_phi3.embedded_model_dir()
+    monkeypatch.setattr(train_phi3, "EMBEDDED_DIR", tmp_path / "tiny-phi3")
+    torch.manual_seed(0)
+    train_phi3.embedded_model_dir()
+    after_writing = torch.rand(4)
+    torch.manual_seed(0)
+    train_phi3.embedded_model_dir()  # now found on disk
+    assert torch.equal(torch.rand(4), after_writing)
+    # and what was written is the same model as the shared one
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "tiny-phi3" / name).read_bytes() == (cached / name).read_bytes(), name
