@@ -39,7 +39,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert ddp.keys() == one.keys()
     assert any(t.abs().max() > 0 for k, t in one.items() if "lora_B" in k)  # the adapters did move
     for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}\n--- torchrun's output:\n"
+                                                          f"{distributed.stdout[-2000:]}")
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                if "loss" in json.loads(line)] for run in ("ddp", "one")]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
