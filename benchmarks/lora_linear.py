@@ -36,6 +36,7 @@ import lora
 PHI3_MINI_SHAPES = [("qkv_proj", 3072, 9216), ("o_proj", 3072, 3072), ("gate_up_proj", 3072, 16384),
                     ("down_proj", 8192, 3072)]
 QUICK_SHAPES = [("qkv_proj", 64, 192), ("o_proj", 64, 64), ("gate_up_proj", 64, 256), ("down_proj", 128, 64)]
+PEERS = ("peft", "loralib")  # the other LoRA layers each variant's time is compared with, round by round
 TARGETS = {  # (dtype, dropout) -> the most lora/floor may be
     (torch.float32, True): 1.10, (torch.float32, False): 1.05,
     (torch.bfloat16, True): 1.30, (torch.bfloat16, False): 1.12,
@@ -166,7 +167,7 @@ def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
                 # per-round ratios to each peer's plain LoRA layer, paired within a round like the floor's
                 to_peer = {peer: [t / f for t, f in zip(times[key], times[peer], strict=True)]
-                           for peer in ("peft", "loralib") if peer in times}
+                           for peer in PEERS if peer in times}
                 saved = saved_bytes(lambda m=module, x=x: m(x), [x, *module.parameters()]) - floor_saved
                 rows.append(dict(dtype=str(dtype).removeprefix("torch."), dropout=p, shape=f"{name} {in_f}->{out_f}",
                                  variant=key, ms=statistics.median(times[key]) * 1e3,
@@ -188,7 +189,7 @@ def print_table(rows: list[dict], check: bool) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         vs = {peer: f"{row['to_peer'][peer][0]:.3f}" if peer in row["to_peer"] and row["variant"] != "floor" else ""
-              for peer in ("peft", "loralib")}
+              for peer in PEERS}
         print(f"| {row['dtype']} | {row['dropout']} | {row['shape']} | {row['variant']} | {row['ms']:.1f} | "
               f"{row['ratio']:.3f} | {row['ci'][0]:.3f}-{row['ci'][1]:.3f} | "
               f"{row['spread'][0]:.3f}-{row['spread'][1]:.3f} | {vs['peft']} | {vs['loralib']} | "
