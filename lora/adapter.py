@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .layers import LoRALayer, MergedLinear
 from .trainable import lora_state_dict
 
-__all__ = ["save_adapter", "load_adapter", "adapter_metadata", "AdapterMismatchError", "atomic_write"]
+__all__ = ["save_adapter", "load_adapter", "adapter_metadata", "AdapterMismatchError"]
 
 FORMAT = "lora-adapter"
 FORMAT_VERSION = "1"
@@ -107,27 +107,6 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
     layers = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True),
             "fingerprint": json.dumps(fingerprint(model), sort_keys=True)}
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(temporary_path)``, fsync the file, then rename it to ``path``: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:

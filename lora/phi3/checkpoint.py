@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lora.atomic import atomic_directory
 from lora.phi3.config import Phi3Config
 from lora.phi3.model import Phi3ForCausalLM
 
@@ -196,14 +195,6 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -212,10 +203,9 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
     """Write `model` as a checkpoint directory that transformers' and our `from_pretrained` load.
 
     One `model.safetensors` when everything fits in `max_shard_size`, else numbered shards plus
-    `model.safetensors.index.json`. All files are written and fsynced in a temporary directory next to
-    `path`, then renamed into place (the whole directory at once when `path` does not exist; file by
-    file, index and configs last, when it does, so other files there such as the tokenizer stay), and
-    weight files of an earlier save that the new index does not list are removed.
+    `model.safetensors.index.json`. Written with `lora.atomic.atomic_directory`: the directory is replaced
+    as a whole (a crash leaves the old save or the new one, never new weights beside an old config);
+    other files of an existing `path`, such as the tokenizer's, are carried over.
     """
     root = Path(path)
     max_bytes = _parse_size(max_shard_size)
@@ -236,10 +226,9 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; it may become the checkpoint directory itself
+    # The files of an earlier save are replaced as a whole; anything else there (a tokenizer) is carried over.
+    ours = {INDEX_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
+    with atomic_directory(root, carry=lambda name: name not in ours and not _WEIGHT_FILE.fullmatch(name)) as tmp:
         for name, shard in zip(names, shards, strict=True):
             # One shard at a time on the host: a GPU model never needs a full CPU copy.
             host = {k: t.contiguous().cpu() for k, t in shard.items()}
@@ -250,22 +239,3 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
             _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_json(tmp / CONFIG_NAME, config)
         _write_json(tmp / GENERATION_CONFIG_NAME, generation)
-        written = sorted(os.listdir(tmp))
-        for name in written:
-            _fsync(tmp / name)
-        if not root.exists():
-            os.replace(tmp, root)
-        else:
-            # Weights first, then the files that point at them, so a reader never sees an index or
-            # config whose weights are not there yet.
-            last = [INDEX_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME]
-            for name in sorted(written, key=lambda n: n in last):
-                os.replace(tmp / name, root / name)
-            stale = [p for p in root.iterdir() if _WEIGHT_FILE.fullmatch(p.name) and p.name not in written]
-            if INDEX_NAME not in written:
-                stale += [root / INDEX_NAME] if (root / INDEX_NAME).exists() else []
-            for stale_path in stale:
-                stale_path.unlink()
-        _fsync(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

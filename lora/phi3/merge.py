@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora.atomic import atomic_directory
 from lora.layers import LoRALayer
 from lora.phi3.checkpoint import _parse_size, from_pretrained
 
@@ -100,6 +100,7 @@ def merge_and_save(
     max_shard_size: int | str = "5GB",
     probe_ids: torch.Tensor | None = None,
     tolerance: float | None = None,
+    overwrite: bool = False,
 ) -> float:
     """Write ``model`` with every adapter merged as a plain Phi-3 checkpoint directory at ``path``.
 
@@ -108,13 +109,15 @@ def merge_and_save(
     written checkpoint and adapter + base on ``probe_ids`` (default: a fixed 2 x 16 batch); raises
     ``MergeVerificationError`` and writes nothing when it exceeds ``tolerance`` (default by dtype:
     1e-4 for float32, 3e-2 for bfloat16, relative to the logits' scale). ``path`` must not exist yet,
-    or be an empty directory.
+    or be an empty directory; ``overwrite=True`` replaces an earlier merged checkpoint there, as a whole and
+    only once the new one is complete and verified (``lora.atomic.atomic_directory``).
 
     >>> diff = merge_and_save(model, "phi3-merged")  # doctest: +SKIP
     """
     root = Path(path)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root}: already exists and is not an empty directory; choose a new path")
+    if root.exists() and (not root.is_dir() or (not overwrite and any(root.iterdir()))):
+        raise FileExistsError(f"{root}: already exists and is not an empty directory; choose a new path "
+                              "(or pass overwrite=True to replace a directory)")
     if not any(isinstance(m, LoRALayer) and m.has_lora for m in model.modules()):
         raise ValueError("the model has no adapters to merge (patch it or load an adapter first)")
     max_bytes = _parse_size(max_shard_size)
@@ -133,55 +136,53 @@ def merge_and_save(
 
     vocab = int(model.config.vocab_size)
     ids = probe_ids if probe_ids is not None else (torch.arange(32).view(2, 16) * 7919 + 11) % vocab
+    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"probe_ids must be a non-empty 2-D integer tensor (batch, length), got "
+                         f"{ids.dtype} of shape {tuple(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"probe_ids must be token ids in [0, {vocab}) (the model's vocab_size), got ids from "
+                         f"{int(ids.min())} to {int(ids.max())}")
     was_training = model.training
     model.eval()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        with torch.no_grad():
-            expected = _logits(model, ids)
-        for name, shard in zip(names, shards, strict=True):
-            _write_safetensors(tmp / name, shard)
-        if len(shards) > 1:
-            weight_map = {item[0]: name for name, shard in zip(names, shards, strict=True) for item in shard}
-            total = sum(item[1].numel() * torch.empty((), dtype=item[2]).element_size() for item in plan)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = model.config.to_dict()
-        dtypes = {item[2] for item in plan}
-        if len(dtypes) == 1:
-            config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
-        config.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        source = getattr(model, "name_or_path", None)
-        source = Path(source) if source and Path(source).is_dir() else None
-        for side in SIDE_FILES:
-            if source is not None and (source / side).is_file():
-                shutil.copy2(source / side, tmp / side)
-        if not (tmp / "generation_config.json").exists():
-            generation = getattr(model, "generation_config", None)
-            generation = generation.to_dict() if hasattr(generation, "to_dict") else dict(generation or {})
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+        with atomic_directory(root, replace=overwrite) as tmp:
+            with torch.no_grad():
+                expected = _logits(model, ids)
+            for name, shard in zip(names, shards, strict=True):
+                _write_safetensors(tmp / name, shard)
+            if len(shards) > 1:
+                weight_map = {item[0]: name for name, shard in zip(names, shards, strict=True) for item in shard}
+                total = sum(item[1].numel() * torch.empty((), dtype=item[2]).element_size() for item in plan)
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            config = model.config.to_dict()
+            dtypes = {item[2] for item in plan}
+            if len(dtypes) == 1:
+                config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+            config.pop("torch_dtype", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            source = getattr(model, "name_or_path", None)
+            source = Path(source) if source and Path(source).is_dir() else None
+            for side in SIDE_FILES:
+                if source is not None and (source / side).is_file():
+                    shutil.copy2(source / side, tmp / side)
+            if not (tmp / "generation_config.json").exists():
+                generation = getattr(model, "generation_config", None)
+                generation = generation.to_dict() if hasattr(generation, "to_dict") else dict(generation or {})
+                (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
 
-        merged = from_pretrained(tmp)
-        with torch.no_grad():
-            actual = _logits(merged, ids)
-        del merged
-        difference = (actual - expected).abs().max().item()
-        weight_dtype = next(item[2] for item in plan if item[0].endswith("proj.weight"))
-        limit = tolerance if tolerance is not None else _TOLERANCE[weight_dtype] * max(1.0, expected.abs().max().item())
-        if not difference <= limit:
-            raise MergeVerificationError(
-                f"merged checkpoint's logits differ from adapter + base by {difference:.3g} on the probe batch "
-                f"(allowed {limit:.3g}); nothing was written to {root}")
-        for name in sorted(os.listdir(tmp)):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-        root.chmod(0o755)
+            merged = from_pretrained(tmp)
+            with torch.no_grad():
+                actual = _logits(merged, ids)
+            del merged
+            difference = (actual - expected).abs().max().item()
+            weight_dtype = next(item[2] for item in plan if item[0].endswith("proj.weight"))
+            limit = (tolerance if tolerance is not None
+                     else _TOLERANCE[weight_dtype] * max(1.0, expected.abs().max().item()))
+            if not difference <= limit:
+                raise MergeVerificationError(
+                    f"merged checkpoint's logits differ from adapter + base by {difference:.3g} on the probe "
+                    f"batch (allowed {limit:.3g}); nothing was written to {root}")
         return difference
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         model.train(was_training)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora.adapter import atomic_write
+from lora.atomic import atomic_directory
 from lora.layers import Linear, LoRALayer, MergedLinear
 from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs
 
@@ -140,13 +140,15 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, uniform_rank
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into the directory ``path``.
 
     ``peft.PeftModel.from_pretrained(transformers_phi3, path)`` then reproduces this model's logits.
-    Each file is written atomically.
+    The directory is replaced as a whole (``lora.atomic.atomic_directory``): a crash leaves the old adapter
+    or the new one, never new weights beside an old config. Other files of an existing ``path`` stay.
     """
     tensors, config = peft_tensors(model, uniform_rank=uniform_rank)
-    path = Path(path)
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    ours = {WEIGHTS_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAME}
+    with atomic_directory(path, carry=lambda name: name not in ours) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

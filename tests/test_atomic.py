@@ -1,0 +1,100 @@
+"""lora.atomic: the one writer of files and directories; what a killed save leaves, and who cleans it up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lora.atomic import atomic_directory, atomic_write, remove_stale_temporaries
+
+
+def killed_during(code: str, tmp_path: Path) -> None:
+    """Run `code` in a process that dies (os._exit, no cleanup) at its end, as under kill -9."""
+    script = "import os\nfrom pathlib import Path\nfrom lora.atomic import atomic_directory, atomic_write\n"
+    script += textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, timeout=60, capture_output=True)
+    assert result.returncode == 9, result.stderr.decode()
+
+
+def test_directory_replaced_as_a_whole(tmp_path):
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "a").write_text("old a")
+        (tmp / "b").write_text("old b")
+    with pytest.raises(RuntimeError, match="midway"), atomic_directory(out) as tmp:
+        (tmp / "a").write_text("new a")
+        raise RuntimeError("midway")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "old a", "b": "old b"}
+    with atomic_directory(out, carry=lambda name: name == "b") as tmp:
+        (tmp / "a").write_text("new a")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"a": "new a", "b": "old b"}
+    with atomic_directory(out) as tmp:
+        (tmp / "c").write_text("c")
+    assert [p.name for p in out.iterdir()] == ["c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_replace_false_keeps_the_first_complete_version(tmp_path):
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "first").write_text("1")
+    second = atomic_directory(tmp_path / "out", replace=False)
+    with pytest.raises(FileExistsError, match="already exists"), second as tmp:
+        (tmp / "second").write_text("2")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["first"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_is_never_replaced_by_a_directory(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"), atomic_directory(tmp_path / "f"):
+        pass
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_killed_directory_save_leaves_the_old_version_and_the_next_save_cleans_up(tmp_path):
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "weights").write_bytes(b"old" * 1000)
+        (tmp / "config").write_text("old")
+    killed_during("""
+        with atomic_directory("out") as tmp:
+            (tmp / "weights").write_bytes(b"new" * 1000)
+            os._exit(9)  # between the two files
+    """, tmp_path)
+    assert (tmp_path / "out" / "config").read_text() == "old"
+    assert (tmp_path / "out" / "weights").read_bytes() == b"old" * 1000
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(stale) == 1 and (stale[0] / "weights").is_file()
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "config").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_killed_file_save_is_cleaned_by_the_next_one(tmp_path):
+    atomic_write(tmp_path / "f.json", lambda tmp: Path(tmp).write_text("old"))
+    killed_during("""
+        def write(tmp):
+            Path(tmp).write_text("half")
+            os._exit(9)
+        atomic_write("f.json", write)
+    """, tmp_path)
+    assert (tmp_path / "f.json").read_text() == "old" and len(list(tmp_path.iterdir())) == 2
+    atomic_write(tmp_path / "f.json", lambda tmp: Path(tmp).write_text("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"] and (tmp_path / "f.json").read_text() == "new"
+
+
+def test_temporaries_of_live_processes_and_other_names_are_kept(tmp_path):
+    import os
+
+    from lora import atomic
+
+    mine = tmp_path / f".out.tmp-{atomic._HOST}-{os.getpid()}-abcd"
+    other_host = tmp_path / ".out.tmp-elsewhere-1-abcd"
+    other_name = tmp_path / ".outer.tmp-x-1-abcd"
+    for path in (mine, other_host, other_name):
+        path.mkdir()
+    assert remove_stale_temporaries(tmp_path / "out") == []
+    assert all(p.exists() for p in (mine, other_host, other_name))
