@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowrank import lowrank_linear
+from .lowrank import autocast_enabled, lowrank_linear, no_autocast
 
 __all__ = [
     "LoRALayer",
@@ -102,10 +102,18 @@ class LoRALayer:
     # -- the delta, defined once per layer type ---------------------------------------------------
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in float32 (float64 for a float64 weight), shaped like ``self.weight``."""
+        """``scaling * B @ A`` in float32 (float64 for a float64 weight), shaped like ``self.weight``.
+
+        Computed with autocast off, so a merge or a conv forward inside ``torch.autocast`` gets the same
+        float32 delta as outside it.
+        """
+        with no_autocast(self.weight.device):
+            return self._delta_weight()
+
+    def _delta_weight(self) -> torch.Tensor:
         raise NotImplementedError(
             f"{type(self).__name__} does not define delta_weight(): a LoRALayer subclass must return "
-            "scaling * B @ A shaped like its weight before it can be merged"
+            "scaling * B @ A shaped like its weight (from _delta_weight()) before it can be merged"
         )
 
     def _delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,7 +338,7 @@ class Linear(LoRALayer, nn.Linear):
     def _slices(self) -> tuple[tuple[int, int], ...]:
         return ((0, self.out_features),)
 
-    def delta_weight(self) -> torch.Tensor:
+    def _delta_weight(self) -> torch.Tensor:
         (A, B), r = self._delta_factors(), self.r
         delta = torch.zeros(self.out_features, self.in_features, device=self.weight.device, dtype=A.dtype)
         row = 0
@@ -341,6 +349,7 @@ class Linear(LoRALayer, nn.Linear):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if not self._uses_lora_path():
             weight = self._effective_weight()
             return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
@@ -357,6 +366,20 @@ class Linear(LoRALayer, nn.Linear):
             slices=self._slices(),
             fan_in_fan_out=self.fan_in_fan_out,
         )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        # What F.linear would reject anyway, said in the layer's terms (torch's message names lora_A's shape).
+        name = type(self).__name__
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{name}: the input's last dimension must be in_features={self.in_features}; "
+                             f"got an input of shape {tuple(x.shape)}")
+        if self.weight.is_meta and not x.is_meta:
+            raise RuntimeError(f"{name}: the weight is on the meta device (shape {tuple(self.weight.shape)}, no "
+                               "values): materialise it before forward, e.g. model.to_empty(device='cpu') and "
+                               "load_state_dict, or load the model with lora.phi3.from_pretrained")
+        if x.dtype != self.weight.dtype and not autocast_enabled(x.device):
+            raise TypeError(f"{name}: the input is {x.dtype} but the weight is {self.weight.dtype}; cast the input "
+                            f"(x.to({self.weight.dtype})) or run under torch.autocast")
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same maths with plain autograd ops (used for a custom ``lora_dropout`` module)."""
@@ -567,7 +590,7 @@ class Embedding(LoRALayer, nn.Embedding):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
-    def delta_weight(self) -> torch.Tensor:
+    def _delta_weight(self) -> torch.Tensor:
         A, B = self._delta_factors()
         delta = (B @ A).t() * self.scaling  # (num_embeddings, dim)
         if self.padding_idx is not None:
@@ -590,11 +613,14 @@ class Embedding(LoRALayer, nn.Embedding):
         if not self._uses_lora_path():
             return self._renorm(self._lookup(x, self._effective_weight()))
         rows = self._lookup(x, self.weight)
-        after_A = F.embedding(x, self.lora_A.t(), None, None, 2.0, self.scale_grad_by_freq)  # (..., r)
-        if self.padding_idx is not None:
-            after_A = after_A.masked_fill((x == self.padding_idx).unsqueeze(-1), 0)
-        delta = (after_A @ self.lora_B.t()) * self.scaling
-        return self._renorm(rows + delta.to(rows.dtype))
+        with no_autocast(self.weight.device):  # a frozen lookup is not autocast either: the delta in float32
+            after_A = F.embedding(x, self.lora_A.t(), None, None, 2.0, self.scale_grad_by_freq)  # (..., r)
+            if self.padding_idx is not None:
+                after_A = after_A.masked_fill((x == self.padding_idx).unsqueeze(-1), 0)
+            delta = (after_A @ self.lora_B.t()) * self.scaling
+        # The sum rounded once to a 16-bit weight's dtype, so that a delta below its resolution still counts.
+        wide = torch.promote_types(rows.dtype, delta.dtype)
+        return self._renorm((rows.to(wide) + delta.to(wide)).to(rows.dtype))
 
 
 class ConvLoRA(LoRALayer):
@@ -703,7 +729,7 @@ class ConvLoRA(LoRALayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def delta_weight(self) -> torch.Tensor:
+    def _delta_weight(self) -> torch.Tensor:
         A, B = self._delta_factors()
         return (B @ A).view(self.weight.shape) * self.scaling
 

@@ -16,20 +16,29 @@ so no activation-sized mask or copy is built in the forward pass or saved for ba
 the caller holds anyway), the rank-r product ``drop(x) @ A.T``, the dropped elements' positions (8 bytes
 each: 0.4 bytes per element of ``x`` at p = 0.05, against autograd's 5) and the parameters. The backward
 pass zeroes the dropped elements in a copy of ``x`` for ``dA`` and reuses that buffer for ``dx``, so it
-allocates no more than without dropout. Every activation-sized product is computed in the input's dtype
-(the forward's sparse correction in float32); adapter gradients are returned in the adapters' dtype.
+allocates no more than without dropout.
+
+Precision. Every activation-sized product is computed in the *compute dtype*: the input's dtype, or under
+``torch.autocast`` the dtype autocast would give a frozen ``nn.Linear`` on this input (``x``, the weight
+and the bias are cast to it once, at the boundary, as autocast would; autocast itself is off inside, so
+the forward's sparse dropout correction stays a float32 product). The adapters' output is written first
+and the frozen GEMM accumulates onto it, so the sum is rounded once: a delta too small to survive a
+16-bit rounding of its own still moves the 16-bit output. In float16 the adapter gradients ``dA`` and
+``dB`` are computed in float32 (sums over every token of a loss scaled by ``GradScaler`` overflow
+float16's 65504 long before float32); in bfloat16, which has float32's range, in bfloat16. Adapter
+gradients are returned in the adapters' dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
-__all__ = ["dropout_positions", "lowrank_linear"]
+__all__ = ["autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "no_autocast"]
 
 
 def dropout_positions(seed: int, numel: int, p: float, device: torch.device) -> torch.Tensor:
@@ -74,7 +83,7 @@ def _dropped(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, in
     return _csr(crow, (positions % d).to(torch.int32), values, shape)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _one_thread(device: torch.device) -> Iterator[None]:
     """Run the dropout bookkeeping (a few dozen small ops on ~p x numel elements) on one CPU thread.
 
@@ -93,6 +102,27 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether ``torch.autocast`` is on for ``device``'s type (never for a type it does not know: meta)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a frozen ``nn.Linear`` computes in on ``x``: autocast's, when autocast is on for ``x``'s
+    device and would cast ``x`` (a floating tensor other than float64), else ``x``'s own."""
+    if autocast_enabled(x.device) and x.is_floating_point() and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Autocast off for ``device``'s type (a no-op when it is off already): for maths whose dtypes are chosen
+    by hand, which autocast would otherwise re-cast op by op."""
+    if autocast_enabled(device):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _new_seed() -> int:
     # Drawn from torch's default CPU generator, so torch.manual_seed makes runs repeatable and
     # torch.utils.checkpoint (which restores that generator) replays the same mask.
@@ -100,8 +130,22 @@ def _new_seed() -> int:
 
 
 class _LowRankLinear(torch.autograd.Function):
+    # Every tensor arrives in the compute dtype but the adapters (float32 by default); both passes run with
+    # autocast off, since the dtypes below are chosen by hand.
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out):
+        with no_autocast(x.device):
+            return _LowRankLinear._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices,
+                                           fan_in_fan_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        with no_autocast(dy.device):
+            return _LowRankLinear._backward(ctx, dy)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out):
         # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order
         dtype = x.dtype
         wide = torch.promote_types(dtype, torch.float32)
@@ -120,9 +164,10 @@ class _LowRankLinear(torch.autograd.Function):
             xa -= correction.to(dtype)
             xa *= 1.0 / (1.0 - p)
 
-        # The adapters' output first, then the frozen GEMM accumulates onto it (beta = 1): one pass over
-        # y fewer than adding the adapters' output afterwards. When the slices cover every column and there
-        # is no bias, the first write ignores y's contents (beta = 0), so y needs no initialisation.
+        # The adapters' output first, then the frozen GEMM accumulates onto it (beta = 1): one rounding of the
+        # sum, and one pass over y fewer than adding the adapters' output afterwards. When the slices cover
+        # every column and there is no bias, the first write ignores y's contents (beta = 0), so y needs no
+        # initialisation.
         n, out = x.shape[0], weight.shape[1 if fan_in_fan_out else 0]
         covered = bias is None and sum(size for _, size in slices) == out
         if covered:
@@ -145,11 +190,13 @@ class _LowRankLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def _backward(ctx, dy):
         x, weight, lora_A, lora_B, xa, positions = ctx.saved_tensors
         scaling, p, slices = ctx.scaling, ctx.p, ctx.slices
         dy = dy.contiguous()
         dtype = dy.dtype
+        # float16's range is too small for dA, dB (sums over every token of a scaled loss): float32 there.
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
         r = A.shape[0] // len(slices)
@@ -157,12 +204,13 @@ class _LowRankLinear(torch.autograd.Function):
         # G_j = scaling / (1 - p) * dy[:, slice_j] @ B_j side by side, and dB_j = scaling * dy[:, slice_j].T @ xa_j,
         # each written in place with the scale as the GEMM's alpha: no concatenation, no scaling pass.
         g = torch.empty(dy.shape[0], A.shape[0], dtype=dtype, device=dy.device)
-        dB = torch.empty(B.shape, dtype=dtype, device=dy.device)
+        dB = torch.empty(B.shape, dtype=grad_dtype, device=dy.device)
+        xa_grad = xa.to(grad_dtype)
         row = 0
         for j, (offset, size) in enumerate(slices):
             dy_j, cols = dy[:, offset : offset + size], slice(j * r, (j + 1) * r)
             g[:, cols].addmm_(dy_j, B[row : row + size], beta=0.0, alpha=scaling / (1.0 - p))
-            dB[row : row + size].t().addmm_(xa[:, cols].t(), dy_j, beta=0.0, alpha=scaling)
+            dB[row : row + size].t().addmm_(xa_grad[:, cols].t(), dy_j.to(grad_dtype), beta=0.0, alpha=scaling)
             row += size
         dB = dB.to(lora_B.dtype)
 
@@ -173,7 +221,7 @@ class _LowRankLinear(torch.autograd.Function):
             dropped_x = torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
             dropped_x.view(-1).index_fill_(0, positions, 0)
         # (r * len(slices), in), computed as (x.T @ g).T: MKL runs this orientation of the skinny GEMM faster
-        dA = (dropped_x.t() @ g).t().to(lora_A.dtype)
+        dA = (dropped_x.t().to(grad_dtype) @ g.to(grad_dtype)).t().to(lora_A.dtype)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             if positions is None:
@@ -206,8 +254,15 @@ def lowrank_linear(
 
     ``x`` may have any leading dimensions. ``p`` is the dropout rate (0 in eval mode).
     ``slices`` lists ``(offset, size)`` of the adapted output columns; ``lora_A`` stacks one (r, in)
-    block per slice and ``lora_B`` one (size, r) block per slice, in the same order.
+    block per slice and ``lora_B`` one (size, r) block per slice, in the same order. Computes in
+    ``compute_dtype(x)``: under autocast, ``x``, ``weight`` and ``bias`` are cast to autocast's dtype (the
+    output and ``dx`` are in it, as a frozen ``nn.Linear``'s would be), the adapters are not.
     """
+    dtype = compute_dtype(x)
+    # Casts outside the Function, so that autograd takes dx (and a trainable weight's gradient) back to
+    # the caller's dtype; each is a no-op when the dtype already fits.
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = _new_seed() if p > 0.0 else 0

@@ -693,3 +693,27 @@ def test_every_layer_merged_equals_unmerged_and_round_trips_property(made, dtype
     fresh.eval()
     layer.eval()
     assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_input_that_does_not_fit_the_layer_is_named_in_the_layers_terms(fused):
+    layer = lora.MergedLinear(8, 6, r=2, enable_lora=(True, False)) if fused else lora.Linear(8, 6, r=2)
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"^{name}: the input's last dimension must be in_features=8; "
+                                         r"got an input of shape \(3, 7\)$"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(TypeError, match=rf"^{name}: the input is torch.bfloat16 but the weight is torch.float32; "
+                                        r"cast the input \(x.to\(torch.float32\)\) or run under torch.autocast$"):
+        layer(torch.randn(3, 8, dtype=torch.bfloat16))
+    layer.eval()  # the merged path checks the same
+    with pytest.raises(TypeError, match=rf"^{name}: the input is torch.float64"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_a_meta_device_layer_says_its_weight_has_no_values():
+    with torch.device("meta"):
+        layer = lora.Linear(8, 6, r=2)
+    with pytest.raises(RuntimeError, match=r"^Linear: the weight is on the meta device \(shape \(6, 8\), no values\): "
+                                           r"materialise it before forward"):
+        layer(torch.randn(3, 8))
+    assert layer(torch.randn(3, 8, device="meta")).shape == (3, 6)  # shape inference on meta still works
