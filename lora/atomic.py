@@ -164,18 +164,22 @@ def atomic_directory(
             for entry in sorted(path.iterdir()):
                 if (tmp / entry.name).exists() or not carry(entry.name):
                     continue
-                if entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                if entry.is_dir():  # a tree of hard links: carrying a run's checkpoints copies no data
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
                 else:
-                    try:
-                        os.link(entry, tmp / entry.name, follow_symlinks=False)
-                    except OSError:
-                        shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+                    _link_or_copy(entry, tmp / entry.name)
         _fsync_tree(tmp)
         replace_directory(tmp, path, replace=replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, destination, follow_symlinks=False)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:

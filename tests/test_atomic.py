@@ -98,3 +98,17 @@ def test_temporaries_of_live_processes_and_other_names_are_kept(tmp_path):
         path.mkdir()
     assert remove_stale_temporaries(tmp_path / "out") == []
     assert all(p.exists() for p in (mine, other_host, other_name))
+
+
+def test_carried_subdirectories_are_hard_linked_not_copied(tmp_path):
+    # A final save into a run directory carries its checkpoint-N directories: no data is copied.
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    (run / "checkpoint-1" / "optimizer.pt").write_bytes(b"state")
+    (run / "adapter_config.json").write_text("old")
+    inode = (run / "checkpoint-1" / "optimizer.pt").stat().st_ino
+    with atomic_directory(run, carry=lambda name: True) as tmp:
+        (tmp / "adapter_config.json").write_text("new")
+    assert (run / "adapter_config.json").read_text() == "new"
+    assert (run / "checkpoint-1" / "optimizer.pt").read_bytes() == b"state"
+    assert (run / "checkpoint-1" / "optimizer.pt").stat().st_ino == inode
