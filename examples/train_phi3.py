@@ -15,15 +15,18 @@ The last line printed is `eval loss: BEFORE -> AFTER (-P%)`. See docs/training.m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import lora
+from lora.atomic import atomic_directory, atomic_write, replace_directory
 from lora.phi3 import (
     DEFAULT_TARGETS,
     Phi3Config,
@@ -78,7 +82,7 @@ training_config: dict[str, Any] = {
     "warmup_ratio": 0.2,
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
-    "num_train_epochs": 1,
+    "num_train_epochs": 1.0,
     "max_steps": -1,
     "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 4,
@@ -117,7 +121,7 @@ EMBEDDED_OVERRIDES: dict[str, Any] = {
     "dtype": "float32",
     "learning_rate": 3.0e-3,
     "warmup_ratio": 0.05,
-    "num_train_epochs": 8,
+    "num_train_epochs": 8.0,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 32,
     "gradient_checkpointing": False,
@@ -197,9 +201,10 @@ CHOICES = {
     "bias": ("none",),
     "task_type": ("CAUSAL_LM",),
 }
-# Settings that may change when resuming: where things go and how they are shown, not what is computed.
+# Settings that may change when resuming: where things go and how they are shown, not what is computed; and
+# the length of the run (a larger --max-steps extends a finished run, the schedule re-planned for the new total).
 RESUMABLE_CHANGES = {"output_dir", "device", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "sample_prompt", "sample_max_new_tokens", "merge", "progress"}
+                     "sample_prompt", "sample_max_new_tokens", "merge", "progress", "max_steps", "num_train_epochs"}
 
 
 def option_name(key: str) -> str:
@@ -207,29 +212,79 @@ def option_name(key: str) -> str:
     return "--lora-r" if key == "r" else "--" + key.replace("_", "-")
 
 
+def option_names(key: str) -> list[str]:
+    """`option_name(key)` and its transformers spelling (`--learning_rate`, `--lora_r`), as pasted from HF recipes."""
+    name = option_name(key)
+    return list(dict.fromkeys([name, "--" + name[2:].replace("-", "_")]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """`--key` for every config key (`--no-key` for switches), documented from HELP, default from the dicts."""
     # SUPPRESS: only what the user gave appears, so a config file or a checkpoint's settings fill the rest.
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    # No abbreviations: `--r 8` must not mean `--resume 8`.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False)
     parser.add_argument("--config", help="JSON or TOML file of settings (flat, or [training_config] and "
                                          "[peft_config] tables)")
     parser.add_argument("--resume", help="checkpoint directory (or an output_dir: its latest checkpoint) to "
                                          "continue from, with its settings")
+    parser.add_argument("--overwrite-output-dir", "--overwrite_output_dir", action="store_true",
+                        help="let an explicit --output-dir that holds another run be replaced (only once this "
+                             "run has completed; until then the old run stays)")
     for group_name, group in (("training_config", training_config), ("peft_config", peft_config)):
         options = parser.add_argument_group(group_name)
         for key, default in group.items():
-            flag = option_name(key)
+            flags = option_names(key)
             shown = EMBEDDED_OVERRIDES.get(key)
             text = HELP[key] + (f" (default {default}; embedded model: {shown})" if shown is not None
                                 else f" (default {default})")
             if isinstance(default, bool):
-                options.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, help=text)
+                options.add_argument(*flags, dest=key, action=argparse.BooleanOptionalAction, help=text)
             elif key == "target_modules":
-                options.add_argument(flag, dest=key, nargs="+", help=text)
+                options.add_argument(*flags, dest=key, nargs="+", help=text)
             else:
                 kind = type(default) if default is not None else str
-                options.add_argument(flag, dest=key, type=kind, choices=CHOICES.get(key), help=text)
+                options.add_argument(*flags, dest=key, type=kind, choices=CHOICES.get(key), help=text)
     return parser
+
+
+def check_types(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with each setting of its default's type (a bool a bool, an int an int); else a ValueError naming
+    `source` and the key. Ints are accepted (and converted) where a float is expected."""
+    defaults = {**training_config, **peft_config}
+    checked = {}
+    for key, value in values.items():
+        default = defaults[key]
+        if key == "target_modules":
+            ok = value == "all-linear" or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+            expected = "a list of module names (or \"all-linear\")"
+            if isinstance(value, str) and not ok:
+                expected += f"; write [\"{value}\"] for one name"
+        elif key == "model":
+            ok, expected = value is None or isinstance(value, str), "a directory name (a string) or null"
+        elif isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "true or false (a boolean, not a string)"
+        elif isinstance(default, int):
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            value = float(value) if ok else value
+        else:
+            ok, expected = isinstance(value, str), "a string"
+        if not ok:
+            raise ValueError(f"{source}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
+        checked[key] = value
+    return checked
+
+
+def read_json(path: Path, what: str) -> Any:
+    """`json.loads` of a file, with errors that name it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path}: cannot read it ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -250,12 +305,14 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"--config {file}: expected an object of settings")
     flat = {k: v for k, v in data.items() if k not in ("training_config", "peft_config")}
     for section in ("training_config", "peft_config"):
+        if not isinstance(data.get(section, {}), dict):
+            raise ValueError(f"--config {file}: {section} must be a table of settings")
         flat.update(data.get(section, {}))
     unknown = sorted(set(flat) - set(training_config) - set(peft_config))
     if unknown:
         raise ValueError(f"--config {file}: unknown settings {unknown}; known: "
                          f"{', '.join([*training_config, *peft_config])}")
-    return flat
+    return check_types(flat, f"--config {file}")
 
 
 def latest_checkpoint(path: Path) -> Path:
@@ -268,26 +325,40 @@ def latest_checkpoint(path: Path) -> Path:
     return steps[-1]
 
 
-def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], Path | None]:
+@dataclass
+class RunOptions:
+    """What this invocation asked for beyond the settings: where from, and whether it may replace a run."""
+
+    checkpoint: Path | None = None
+    output_dir_given: bool = False
+    overwrite_output_dir: bool = False
+
+
+def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], RunOptions]:
     """Defaults < (embedded overrides) < config file < command line; on --resume the checkpoint's settings."""
     args = vars(build_parser().parse_args(argv))
     config_file, resume = args.pop("config", None), args.pop("resume", None)
+    run = RunOptions(overwrite_output_dir=args.pop("overwrite_output_dir", False))
     explicit = {**(read_config_file(config_file) if config_file else {}), **args}
-    checkpoint = None
+    run.output_dir_given = "output_dir" in explicit
     if resume is not None:
-        checkpoint = latest_checkpoint(Path(resume))
-        saved = json.loads((checkpoint / "train_config.json").read_text())
+        run.checkpoint = latest_checkpoint(Path(resume))
+        path = run.checkpoint / "train_config.json"
+        saved = read_json(path, "--resume")
+        if not isinstance(saved, dict) or set(saved) != {*training_config, *peft_config}:
+            raise ValueError(f"--resume {path}: not the settings of a run of this script")
+        saved = check_types(saved, f"--resume {path}")
         changed = sorted(k for k, v in explicit.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
         if changed:
-            raise ValueError(f"--resume {checkpoint}: {', '.join(f'{k}={explicit[k]!r}' for k in changed)} "
+            raise ValueError(f"--resume {run.checkpoint}: {', '.join(f'{k}={explicit[k]!r}' for k in changed)} "
                              f"contradict the checkpoint's settings "
                              f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); resuming keeps them")
-        return {**saved, **explicit}, checkpoint
+        return {**saved, **explicit}, run
     config = {**training_config, **peft_config}
     if explicit.get("model") is None:
         config.update(EMBEDDED_OVERRIDES)
     config.update(explicit)
-    return config, checkpoint
+    return config, run
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -313,10 +384,29 @@ def check_config(config: dict[str, Any]) -> None:
     for key, choices in CHOICES.items():
         if config[key] not in choices:
             raise ValueError(f"{option_name(key)} must be one of {', '.join(choices)}, got {config[key]!r}")
-    if config["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {config['device']}: CUDA is not available on this machine")
+    check_device(config["device"])
     if Path(config["output_dir"]).resolve() == Path(config["model"] or EMBEDDED_DIR).resolve():
         raise ValueError("--output-dir must differ from --model: the base checkpoint would be overwritten")
+
+
+def check_device(name: str) -> None:
+    """A ValueError unless `name` is auto or a device this PyTorch build has and this machine can use."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N, ...): {err}") from err
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    if backend is None or not hasattr(backend, "is_available"):
+        raise ValueError(f"--device {name}: this PyTorch build has no {device.type} support; use cpu or auto")
+    if not backend.is_available():
+        raise ValueError(f"--device {name}: {device.type.upper()} is not available on this machine "
+                         "(or this PyTorch build lacks it); use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,15 +442,13 @@ def embedded_model_dir() -> Path:
     # loss is then above uniform (about 7.1 vs ln 264 = 5.6), so the unigram loss is printed as the reference.
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)
-    staging = EMBEDDED_DIR.parent / f".{EMBEDDED_DIR.name}.{os.getpid()}"
-    save_pretrained(model, staging / "model")
-    ByteTokenizer().save(staging / "model")
     try:
-        os.replace(staging / "model", EMBEDDED_DIR)  # atomic; another process may have won the race
-    except OSError:
+        with atomic_directory(EMBEDDED_DIR, replace=False) as tmp:  # another process may win the race: keep its
+            save_pretrained(model, tmp)
+            ByteTokenizer().save(tmp)
+    except FileExistsError:
         if not (EMBEDDED_DIR / "config.json").is_file():
             raise
-    shutil.rmtree(staging, ignore_errors=True)
     return EMBEDDED_DIR
 
 
@@ -470,50 +558,129 @@ def make_schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: a directory per step, written to a temporary name and renamed into place.
+# Output directory. Nothing there is deleted before this run has written something complete that replaces it:
+# - output_dir new or empty, or the run being resumed: written in place. Later metrics lines and checkpoints
+#   of an earlier trajectory (resuming step 20 of a finished 40-step run) stay until this run writes the same
+#   step or completes;
+# - output_dir holding another run (the default one, or an explicit one with --overwrite-output-dir): this run
+#   writes a sibling OUTPUT_DIR.next-XXXX and, once complete, takes output_dir's place in one rename; the old
+#   run is deleted only then. An interrupted one stays there, to --resume.
+# Every file and directory is written with lora.atomic (temporary sibling, fsync, rename): all or nothing.
 # ---------------------------------------------------------------------------------------------------------------
-def save_checkpoint(out: Path, step: int, model: Phi3ForCausalLM, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any]) -> Path:
-    """Adapter (our format), optimizer, scheduler, RNG states, step and config; all or nothing."""
-    final = out / "checkpoints" / f"step-{step:06d}"
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lora.save_adapter(model, tmp / "adapter.safetensors")
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """train_config.json: every setting of the run, as `--resume` reads them back."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def holds_a_run(path: Path) -> bool:
+    """True if `path` has what this script writes (train_config.json, metrics.jsonl or checkpoints/)."""
+    return any((path / name).exists() for name in ("train_config.json", "metrics.jsonl", "checkpoints"))
+
+
+def is_replacement_of(path: Path, out: Path) -> bool:
+    """True if `path` is an `out.next-XXXX` directory: a run that replaces `out` when it completes."""
+    return path.parent.resolve() == out.parent.resolve() and path.name.startswith(f"{out.name}.next-")
+
+
+def plan_output(out: Path, run: RunOptions) -> Path | None:
+    """The directory this run writes in place, or None: a new `out.next-XXXX` that replaces `out` at the end."""
+    if run.checkpoint is not None and run.checkpoint.parent.name == "checkpoints":
+        source = run.checkpoint.parent.parent
+        if source.resolve() == out.resolve() or is_replacement_of(source, out):
+            return source
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    if not out.is_dir() or not holds_a_run(out):
+        raise ValueError(f"--output-dir {out}: exists and is not the directory of a training run; choose another")
+    if run.output_dir_given and not run.overwrite_output_dir:
+        raise ValueError(f"--output-dir {out} holds another run: continue it with --resume {out}, replace it "
+                         "with --overwrite-output-dir (it is deleted only once this run has completed), or "
+                         "choose another directory")
+    return None
+
+
+def data_identity(path: str) -> dict[str, Any]:
+    """Size and SHA-256 of the training data file, stored in each checkpoint to notice a changed file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def save_checkpoint(path: Path, step: int, total_steps: int, model: Phi3ForCausalLM,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    config: dict[str, Any], data: dict[str, Any]) -> None:
+    """Adapter (our format), optimizer, scheduler, RNG states, step, plan, data identity and config at `path`;
+    the directory is replaced as a whole (lora.atomic.atomic_directory)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():  # a re-run into the same output_dir
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(final.parent.glob("step-*"))[: -config["save_total_limit"]]:
-        shutil.rmtree(old)
-    return final
+    state = {"step": step, "total_steps": total_steps, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng, "data": data}
+    with atomic_directory(path) as tmp:
+        lora.save_adapter(model, tmp / "adapter.safetensors")
+        torch.save(state, tmp / "trainer_state.pt")
+        write_config(tmp / "train_config.json", config)
+
+
+def prune_checkpoints(ours: list[Path], limit: int, keep: Path | None) -> list[Path]:
+    """Delete the oldest of this run's checkpoints beyond `limit`, never `keep` (the last good one)."""
+    ours = sorted(set(ours))
+    for old in ours[:-limit]:
+        if old != keep:
+            shutil.rmtree(old)
+            ours.remove(old)
+    return ours
 
 
 def load_checkpoint(path: Path, model: Phi3ForCausalLM, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
-    """Restore what `save_checkpoint` wrote (no pickle: `weights_only=True`); returns the step."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote (no pickle: `weights_only=True`); returns the trainer state."""
     lora.load_adapter(model, path / "adapter.safetensors")
-    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    try:
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors for a damaged file
+        raise ValueError(f"--resume {path / 'trainer_state.pt'}: cannot be read (truncated or corrupt?): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
+        raise ValueError(f"--resume {path / 'trainer_state.pt'}: not a trainer state written by this script")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state
 
 
-def write_metrics(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to metrics.jsonl: `{"step": 40, "loss": 1.93, "lr": 0.0029, ...}`."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class Metrics:
+    """metrics.jsonl, one JSON record a line (`{"step": 40, "loss": 1.93, ...}`), rewritten atomically at each
+    record: this run's records, then an earlier run's records past the current step, which stay until this
+    run passes them (`finish` drops those left)."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        records = []
+        for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d: not a JSON record; it will not be kept", path, number)
+        self.path = path
+        self.records = [r for r in records if r.get("step", 0) <= start]
+        self.later = [r for r in records if r.get("step", 0) > start]
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.later = [r for r in self.later if r["step"] > record["step"]]
+        self.save()
+
+    def finish(self) -> None:
+        self.later = []
+        self.save()
+
+    def save(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in [*self.records, *self.later])
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
 
 def plot_losses(metrics: Path, png: Path) -> bool:
@@ -534,7 +701,7 @@ def plot_losses(metrics: Path, png: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.legend()
-    fig.savefig(png, dpi=100)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return True
 
@@ -548,13 +715,15 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Train; 0 on success, 1 when the loss became non-finite (bad input raises before training)."""
-    config, checkpoint = resolve_config(argv)
+    config, run = resolve_config(argv)
     check_config(config)
+    checkpoint = run.checkpoint
+    out = Path(config["output_dir"])
+    in_place = plan_output(out, run)  # before anything is loaded: a refused output_dir fails fast
     rank, world, device = setup_distributed(config["device"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s" if world > 1
                         else "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
-    out = Path(config["output_dir"])
     torch.manual_seed(config["seed"])
 
     # Model and tokenizer; everything is checked before the first step.
@@ -598,27 +767,51 @@ def main(argv: list[str] | None = None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
     warmup = math.ceil(config["warmup_ratio"] * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, make_schedule(config["lr_scheduler_type"], warmup, total_steps))
-    start = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else 0
-    if start >= total_steps:
-        raise ValueError(f"--resume {checkpoint}: already at step {start} of {total_steps}")
+    schedule = make_schedule(config["lr_scheduler_type"], warmup, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    data = data_identity(config["data"]) if rank == 0 else {}
+    start = 0
+    if checkpoint:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start = state["step"]
+        if start >= total_steps:
+            raise ValueError(f"--resume {checkpoint}: already at step {start} of {total_steps}; a larger "
+                             "--max-steps extends the run")
+        if rank == 0 and state.get("data", data) != data:
+            log.warning("--resume: %s changed since %s was saved (size %s -> %s bytes, SHA-256 %s... -> %s...); "
+                        "the run continues by row index, so it is not the continuation of the saved one",
+                        config["data"], checkpoint, state["data"].get("size"), data["size"],
+                        str(state["data"].get("sha256"))[:12], data["sha256"][:12])
+        planned = state.get("total_steps", total_steps)
+        if planned != total_steps:
+            # Re-plan: the schedule of a run of total_steps, continued from this step.
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * schedule(start)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            log.info("schedule re-planned for %d steps (the checkpoint's run planned %d): warmup %d, "
+                     "%s decay; lr %.3g at step %d", total_steps, planned, warmup, config["lr_scheduler_type"],
+                     optimizer.param_groups[0]["lr"], start + 1)
     trainer: nn.Module = SummedLoss(model)
     if world > 1:
         trainer = DistributedDataParallel(trainer, device_ids=[device] if device.type == "cuda" else None)
 
-    metrics = out / "metrics.jsonl"
+    work = in_place or out  # where this run writes; only rank 0 writes
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        # A re-run into the same directory continues its history up to `start` and no further: later metrics
-        # and checkpoints belong to a trajectory this run replaces (and would win `--resume DIR` otherwise).
-        kept = metrics.read_text().splitlines() if checkpoint and metrics.is_file() else []
-        metrics.write_text("".join(line + "\n" for line in kept if json.loads(line)["step"] <= start))
-        for stale in (out / "checkpoints").glob("step-*"):
-            if int(stale.name.removeprefix("step-")) > start:
-                shutil.rmtree(stale)
-                log.info("removed %s, left from an earlier run", stale)
+        if in_place is None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f"{out.name}.next-", dir=out.parent))
+            work.chmod(0o755)
+            log.info("%s holds an earlier run: this run writes %s, which replaces it once complete (until then "
+                     "the earlier run stays; if this run is interrupted, --resume %s continues it)", out, work, work)
+        for unfinished in sorted(out.parent.glob(f"{out.name}.next-*")):
+            if unfinished.resolve() != work.resolve():
+                log.warning("%s: an interrupted run that was to replace %s (--resume it, or delete it)",
+                            unfinished, out)
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "train_config.json").exists():  # a resumed run's settings are written once it completes
+            write_config(work / "train_config.json", config)
+    metrics = Metrics(work / "metrics.jsonl", start)
+    ours = [p for p in (work / "checkpoints").glob("step-*") if int(p.name.removeprefix("step-")) <= start]
     log.info("%d steps (%d per epoch), global batch %d, warmup %d, lr %.3g %s; %s", total_steps, steps_per_epoch,
              global_batch, warmup, config["learning_rate"], config["lr_scheduler_type"],
              f"resuming after step {start} from {checkpoint}" if checkpoint else "from scratch")
@@ -631,8 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("eval loss %.4f (perplexity %.2f); unigram loss of assistant tokens %.4f; sample: %r",
              loss_before, math.exp(loss_before), unigram, sample_before)
     if rank == 0 and not checkpoint:
-        write_metrics(metrics, {"step": 0, "eval_loss": loss_before, "eval_ppl": math.exp(loss_before),
-                                "sample": sample_before})
+        metrics.write({"step": 0, "eval_loss": loss_before, "eval_ppl": math.exp(loss_before),
+                       "sample": sample_before})
 
     bar = None
     if config["progress"] and rank == 0:
@@ -642,7 +835,11 @@ def main(argv: list[str] | None = None) -> int:
             bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
         except ImportError:
             log.info("tqdm is not installed: progress as log lines (pip install 'purelora[progress]')")
-    last_good = checkpoint
+    # A checkpoint is good once a loss computed with its weights was finite: an eval at the step it was saved,
+    # or the next step's training loss (`pending` until then). At lr 1e30 a step can leave finite but exploded
+    # weights; the loss of the step after shows it.
+    last_good = checkpoint if math.isfinite(loss_before) else None
+    pending = None
     loss_after = loss_before
     t_start, tokens_seen = time.perf_counter(), 0
     try:
@@ -674,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
                          if config["max_grad_norm"] > 0 else torch.zeros(()))
             if not math.isfinite(step_loss) or not math.isfinite(float(grad_norm)):
                 raise NonFiniteLoss(f"step {step + 1}: loss {step_loss}, gradient norm {float(grad_norm)}")
+            last_good, pending = pending or last_good, None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
@@ -689,24 +887,33 @@ def main(argv: list[str] | None = None) -> int:
                 if bar is None:
                     log.info("step %d/%d | loss %.4f | lr %.3g | %s tok/s | eta %.0fs", done, total_steps,
                              step_loss, lr, f"{rate:,.0f}", eta)
-                write_metrics(metrics, {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                                        "tokens_per_s": rate})
-            if done % config["eval_steps"] == 0 or done == total_steps:
+                metrics.write({"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                               "tokens_per_s": rate})
+            evaluated = done % config["eval_steps"] == 0 or done == total_steps
+            if evaluated:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     loss_after = evaluate(model, eval_rows, config, pad_id, device, rank, world)
                     sample = sample_answer(model, tokenizer, template, config, device) if rank == 0 else ""
+                if not math.isfinite(loss_after):
+                    raise NonFiniteLoss(f"step {done}: eval loss {loss_after}")
                 log.info("step %d: eval loss %.4f (perplexity %.2f); sample: %r", done, loss_after,
                          math.exp(loss_after), sample)
                 if rank == 0:
-                    write_metrics(metrics, {"step": done, "eval_loss": loss_after,
-                                            "eval_ppl": math.exp(loss_after), "sample": sample})
+                    metrics.write({"step": done, "eval_loss": loss_after, "eval_ppl": math.exp(loss_after),
+                                   "sample": sample})
             if rank == 0 and (done % config["save_steps"] == 0 or done == total_steps):
-                last_good = save_checkpoint(out, done, model, optimizer, scheduler, config)
+                saved = work / "checkpoints" / f"step-{done:06d}"
+                save_checkpoint(saved, done, total_steps, model, optimizer, scheduler, config, data)
+                last_good, pending = (saved, None) if evaluated else (last_good, saved)
+                ours = prune_checkpoints([*ours, saved], config["save_total_limit"], keep=last_good)
     except NonFiniteLoss as err:
         if bar is not None:
             bar.close()
         log.error("non-finite loss, stopping before the optimizer step: %s. Nothing was written for this step; "
-                  "the last good checkpoint is %s", err, last_good or "none (no checkpoint had been saved yet)")
+                  "the last good checkpoint (one whose weights gave a finite loss) is %s", err,
+                  last_good or "none (no checkpoint had been saved yet)")
+        if pending is not None:
+            log.error("%s was saved but is not good: the loss computed with its weights is non-finite", pending)
         return 1
     if bar is not None:
         bar.close()
@@ -714,12 +921,23 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         check_replicas_agree(model, rank, world)
     if rank == 0:
-        written = write_outputs(out, model, model_dir, config, metrics, last_good)
+        written = write_outputs(work, model, config, metrics, last_good)
+        write_config(work / "train_config.json", config)
+        # Now complete: what is left of an earlier trajectory goes, and a replacement takes output_dir's place.
+        metrics.finish()
+        for stale in sorted((work / "checkpoints").glob("step-*")):
+            if stale not in ours:
+                shutil.rmtree(stale)
+                log.info("removed %s, left from an earlier run this one replaces", stale)
+        if is_replacement_of(work, out):
+            replace_directory(work, out)
+            log.info("replaced %s with this run (%s)", out, work.name)
         log.info("before training: eval loss %.4f, sample %r", loss_before, sample_before)
         log.info("after training:  eval loss %.4f, sample %r", loss_after, sample)
         log.info("unigram model of the assistant tokens (reference): loss %.4f", unigram)
-        for line in written:
-            log.info("wrote %s", line)
+        final = out if is_replacement_of(work, out) else work
+        for label, relative, note in written:
+            log.info("wrote %-20s%s%s", label + ":", (final / relative).resolve() if relative else "none", note)
         change = 100.0 * (loss_after - loss_before) / loss_before
         print(f"eval loss: {loss_before:.4f} -> {loss_after:.4f} ({change:+.1f}%)", flush=True)
     if world > 1:
@@ -734,30 +952,27 @@ def check_replicas_agree(model: Phi3ForCausalLM, rank: int, world: int) -> None:
         dist.broadcast(reference, src=0)
         if not torch.equal(reference, tensor):
             raise RuntimeError(f"rank {rank}: adapter {name} differs from rank 0's")
-    log.warning("rank %d of %d: adapters identical to rank 0's", rank, world)
+    # INFO on rank 0 (its level); the other ranks log at WARNING only, so theirs is a warning to be seen.
+    (log.info if rank == 0 else log.warning)("rank %d of %d: adapters identical to rank 0's", rank, world)
 
 
-def write_outputs(out: Path, model: Phi3ForCausalLM, model_dir: Path, config: dict[str, Any], metrics: Path,
-                  checkpoint: Path | None) -> list[str]:
-    """The final adapter in our format and PEFT's, the loss plot, the merged model; lines saying where."""
-    lora.save_adapter(model, out / "adapter.safetensors")
-    peft_dir = out / "adapter-peft"
-    shutil.rmtree(peft_dir, ignore_errors=True)
-    save_peft_adapter(model, peft_dir)
-    written = [f"adapter (ours):     {(out / 'adapter.safetensors').resolve()}",
-               f"adapter (PEFT):     {peft_dir.resolve()}",
-               f"last checkpoint:    {checkpoint.resolve() if checkpoint else 'none'}",
-               f"metrics:            {metrics.resolve()}",
-               f"config:             {(out / 'train_config.json').resolve()}"]
-    if plot_losses(metrics, out / "loss.png"):
-        written.append(f"loss curve:         {(out / 'loss.png').resolve()}")
+def write_outputs(work: Path, model: Phi3ForCausalLM, config: dict[str, Any], metrics: Metrics,
+                  checkpoint: Path | None) -> list[tuple[str, Path | None, str]]:
+    """The final adapter in our format and PEFT's, the loss plot, the merged model (each replaced as a whole);
+    (what, path relative to `work`, note) for each."""
+    lora.save_adapter(model, work / "adapter.safetensors")
+    save_peft_adapter(model, work / "adapter-peft")
+    if checkpoint is not None and checkpoint.resolve().is_relative_to(work.resolve()):
+        checkpoint = checkpoint.resolve().relative_to(work.resolve())
+    written = [("adapter (ours)", Path("adapter.safetensors"), ""), ("adapter (PEFT)", Path("adapter-peft"), ""),
+               ("last checkpoint", checkpoint, ""), ("metrics", Path("metrics.jsonl"), ""),
+               ("config", Path("train_config.json"), "")]
+    if plot_losses(metrics.path, work / "loss.png"):
+        written.append(("loss curve", Path("loss.png"), ""))
     if config["merge"]:
-        merged = out / "merged"
-        shutil.rmtree(merged, ignore_errors=True)
-        difference = merge_and_save(model, merged)
-        if (model_dir / "byte_tokenizer.json").is_file():
-            shutil.copy2(model_dir / "byte_tokenizer.json", merged / "byte_tokenizer.json")
-        written.append(f"merged checkpoint:  {merged.resolve()} (max |logit difference| {difference:.1e})")
+        # merge_and_save copies the base's tokenizer files (byte_tokenizer.json for the embedded model).
+        difference = merge_and_save(model, work / "merged", overwrite=True)
+        written.append(("merged checkpoint", Path("merged"), f" (max |logit difference| {difference:.1e})"))
     return written
 
 

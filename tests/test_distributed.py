@@ -30,6 +30,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert distributed.returncode == 0, distributed.stdout[-3000:] + distributed.stderr[-3000:]
     # Rank 1 compared its adapters with rank 0's, bit for bit, before rank 0 wrote them.
     assert "[rank 1] WARNING rank 1 of 2: adapters identical to rank 0's" in distributed.stdout
+    assert "[rank 0] INFO rank 0 of 2: adapters identical to rank 0's" in distributed.stdout
     single = subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, common), "--per-device-train-batch-size", "4",
          "--output-dir", tmp_path / "one"], capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,13 +98,27 @@ def test_resume_continues_bit_identically(tmp_path, small_eval):
         main("--resume", tmp_path / "full", "--learning-rate", "0.5")
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_eval, capsys):
+def test_non_finite_loss_stops_and_names_only_a_checkpoint_whose_weights_gave_a_finite_loss(tmp_path, small_eval,
+                                                                                              capsys):
+    # At lr 1e30 step 1 leaves finite weights of about 1e30; step 2's loss is non-finite. Checkpoint 1 is not good.
     out = tmp_path / "out"
     assert main(*FAST, "--max-steps", "4", "--save-steps", "1", "--learning-rate", "1e30", "--warmup-ratio", "0",
                 "--eval-data", small_eval, "--output-dir", out) == 1
     text = capsys.readouterr().out
-    assert "non-finite loss" in text and "the last good checkpoint is" in text
+    assert "non-finite loss" in text and "step 2: loss" in text
+    assert "the last good checkpoint (one whose weights gave a finite loss) is none" in text
+    assert "step-000001 was saved but is not good" in text
     assert (out / "checkpoints").is_dir() and not (out / "adapter.safetensors").exists()
+
+
+def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
+    steps = [tmp_path / f"step-{i:06d}" for i in (1, 2, 3)]
+    for path in steps:
+        path.mkdir()
+    # step 3 is pending (saved, no loss computed with its weights yet): step 2 is the last good one
+    assert train_phi3.prune_checkpoints(steps, 1, keep=steps[1]) == steps[1:]
+    assert sorted(tmp_path.iterdir()) == steps[1:]
+    assert train_phi3.prune_checkpoints(steps[1:], 1, keep=steps[2]) == steps[2:]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +139,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smal
         (lambda d: ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--lora-r", "0"],
          "CUDA|--lora-r must"),
         (lambda d: ["--config", write_jsonl(d / "c.json", ['{"learning_rat": 1}'])], "unknown settings"),
+        (lambda d: ["--device", "mps"], "--device mps: MPS is not available"),
+        (lambda d: ["--device", "gpu"], "--device gpu: not a device name"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_training(tmp_path, small_eval, make_args, message):
@@ -133,7 +150,8 @@ def test_bad_input_is_a_clear_error_before_training(tmp_path, small_eval, make_a
 
 
 def test_bad_input_exits_with_one_line(tmp_path):
-    result = run("--data", write_jsonl(tmp_path / "bad.jsonl", ["{oops"]), "--output-dir", tmp_path, check=False)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    result = run("--data", bad, "--output-dir", tmp_path / "out", check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {tmp_path / 'bad.jsonl'}:1: not valid JSON")
 
 
@@ -181,12 +199,117 @@ def test_real_checkpoint_path(tmp_path):
     assert (out / "adapter-peft" / "adapter_config.json").is_file()
 
 
-def test_rerun_into_the_same_directory_replaces_the_earlier_run(tmp_path, small_eval):
-    common = [*FAST, "--eval-data", small_eval, "--output-dir", tmp_path / "out", "--logging-steps", "1"]
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_rerun_of_the_default_output_dir_replaces_the_old_run_only_once_complete(tmp_path, small_eval, monkeypatch,
+                                                                                 capsys):
+    out = tmp_path / "runs" / "phi3-lora"
+    monkeypatch.setitem(train_phi3.training_config, "output_dir", str(out))  # the default, as in the README
+    common = [*FAST, "--eval-data", small_eval, "--logging-steps", "1"]
     assert main(*common, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "5") == 0
+    first = snapshot(out)
+    # A rerun that fails (non-finite at step 2) leaves the earlier run as it was; its own directory stays beside.
+    assert main(*common, "--max-steps", "4", "--save-steps", "1", "--learning-rate", "1e30", "--warmup-ratio", "0") == 1
+    assert snapshot(out) == first
+    unfinished = [p for p in out.parent.iterdir() if p.name.startswith("phi3-lora.next-")]
+    assert len(unfinished) == 1 and (unfinished[0] / "checkpoints" / "step-000001").is_dir()
+    capsys.readouterr()
     assert main(*common, "--max-steps", "1") == 0
-    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000001"]
-    assert max(r["step"] for r in metrics(tmp_path / "out")) == 1
+    assert f"{unfinished[0]}: an interrupted run that was to replace {out}" in capsys.readouterr().out
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert max(r["step"] for r in metrics(out)) == 1
+    assert json.loads((out / "train_config.json").read_text())["output_dir"] == str(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["phi3-lora", unfinished[0].name])
+
+
+def test_explicit_output_dir_holding_a_run_is_replaced_only_with_overwrite(tmp_path, small_eval):
+    out = tmp_path / "out"
+    common = [*FAST, "--eval-data", small_eval, "--output-dir", out, "--logging-steps", "1"]
+    assert main(*common, "--max-steps", "2") == 0
+    first = snapshot(out)
+    with pytest.raises(ValueError, match=r"holds another run: continue it with --resume .*--overwrite-output-dir"):
+        main(*common, "--max-steps", "1")
+    assert snapshot(out) == first and sorted(tmp_path.iterdir()) == [tmp_path / "eval.jsonl", out]
+    assert main(*common, "--max-steps", "1", "--overwrite_output_dir") == 0
+    assert max(r["step"] for r in metrics(out)) == 1 and sorted(tmp_path.iterdir()) == [tmp_path / "eval.jsonl", out]
+
+
+def test_resume_deletes_nothing_at_start_up_and_extends_a_finished_run(tmp_path, small_eval, monkeypatch, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text((ROOT / "examples" / "data" / "train.jsonl").read_text())
+    out = tmp_path / "out"
+    common = ["--no-progress", "--logging-steps", "1", "--save-total-limit", "5"]
+    assert main(*FAST, *common, "--data", data, "--eval-data", small_eval, "--output-dir", out, "--max-steps", "4",
+                "--save-steps", "2") == 0
+    finished = snapshot(out)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed at the first step")
+
+    with monkeypatch.context() as m:  # a resume of step 2 that dies at its first step has deleted nothing
+        m.setattr(train_phi3, "step_indices", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            main("--resume", out / "checkpoints" / "step-000002", *common)
+    assert snapshot(out) == finished
+    # Extend the finished run: 4 -> 6 steps, the schedule re-planned; a changed data file is warned about.
+    data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")
+    capsys.readouterr()
+    assert main("--resume", out, "--max-steps", "6", *common) == 0
+    text = capsys.readouterr().out
+    assert "schedule re-planned for 6 steps (the checkpoint's run planned 4)" in text
+    assert f"{data} changed since" in text
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    factor = train_phi3.make_schedule("cosine", 1, 6)  # warmup 5% of 6 steps: 1
+    assert metrics(out)[-3]["lr"] == pytest.approx(3e-3 * factor(4), rel=1e-9)  # step 5 (then step 6, its eval)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    with pytest.raises(ValueError, match="already at step 6 of 6; a larger --max-steps extends the run"):
+        main("--resume", out, *common)
+    # A damaged checkpoint is a clear error naming the file.
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "checkpoints" / "step-000006", broken)
+    state = (broken / "trainer_state.pt").read_bytes()
+    (broken / "trainer_state.pt").write_bytes(state[: len(state) // 2])
+    with pytest.raises(ValueError, match=r"broken/trainer_state.pt: cannot be read \(truncated or corrupt\?\)"):
+        main("--resume", broken, "--max-steps", "8", "--output-dir", tmp_path / "again")
+    (broken / "train_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"--resume .*broken/train_config.json: not valid JSON"):
+        main("--resume", broken)
+
+
+def test_no_abbreviations_and_transformers_spellings(tmp_path):
+    with pytest.raises(SystemExit):
+        train_phi3.build_parser().parse_args(["--r", "8"])  # once `--resume 8`
+    with pytest.raises(SystemExit):
+        train_phi3.build_parser().parse_args(["--lr", "0.1"])
+    config, run = train_phi3.resolve_config(["--learning_rate", "0.25", "--output_dir", str(tmp_path), "--lora_r", "2",
+                                             "--per_device_train_batch_size", "3", "--overwrite_output_dir",
+                                             "--no-gradient_checkpointing"])
+    assert (config["learning_rate"], config["output_dir"], config["r"], config["per_device_train_batch_size"],
+            config["gradient_checkpointing"]) == (0.25, str(tmp_path), 2, 3, False)
+    assert run.overwrite_output_dir and run.output_dir_given
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix", "message"),
+    [
+        ('[peft_config]\nuse_rslora = "false"\n', ".toml",
+         "use_rslora must be true or false \\(a boolean, not a string\\), got 'false'"),
+        ('{"max_steps": "7"}', ".json", "max_steps must be an integer, got '7' \\(str\\)"),
+        ('{"max_steps": true}', ".json", "max_steps must be an integer, got True"),
+        ('{"learning_rate": "1e-4"}', ".json", "learning_rate must be a number, got '1e-4'"),
+        ('target_modules = "o_proj"\n', ".toml",
+         'target_modules must be a list of module names .*write \\["o_proj"\\]'),
+        ('{"peft_config": 3}', ".json", "peft_config must be a table of settings"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type(tmp_path, text, suffix, message):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"--config {re.escape(str(path))}: {message}"):
+        train_phi3.resolve_config(["--config", str(path)])
 
 
 def test_loss_curve_png(tmp_path):

@@ -129,6 +129,11 @@ def check_conversation(messages: Any, where: str) -> list[dict[str, str]]:
             raise ValueError(f"{where}: message {i} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's "\ud800": a lone surrogate, which no tokenizer can encode
+            raise ValueError(f"{where}: message {i} content is not valid Unicode: lone surrogate "
+                             f"{content[err.start]!r} at character {err.start}") from err
         special = next((token for token in SPECIAL_TOKENS if token in content), None)
         if special is not None:
             raise ValueError(f"{where}: message {i} contains the special token {special}")

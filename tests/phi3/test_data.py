@@ -43,6 +43,8 @@ def test_read_conversations_skips_blank_lines_and_keeps_line_numbers(tmp_path):
         ('["not", "an object"]', "d.jsonl:2: expected an object"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "d.jsonl:2: message 0 has unknown role 'robot'"),
         ({"messages": [{"role": "user", "content": "x"}]}, "d.jsonl:2: conversation has no assistant turn"),
+        ('{"messages": [{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "c"}]}',
+         r"d.jsonl:2: message 0 content is not valid Unicode: lone surrogate '\\ud800' at character 1"),
     ],
 )
 def test_read_conversations_errors_name_the_line(tmp_path, bad_line, message):
