@@ -16,7 +16,8 @@ missed when the whole interval is over it, and undecided otherwise; the comparis
 ``saved MB`` is what a layer keeps for backward beyond the floor: the tensors autograd saves, counted once
 per storage, not counting the input or the parameters.
 
-    python benchmarks/lora_linear.py            # full: 512 tokens, r=16, alpha=32, float32 (+ bf16)
+    python benchmarks/lora_linear.py            # full: 512 tokens, r=16, alpha=32, float32 (+ bf16, + a float32
+                                                # layer under bf16 autocast, where the CPU has bf16 matmul)
     python benchmarks/lora_linear.py --quick    # tiny shapes, a few rounds: checks it runs
 """
 
@@ -37,9 +38,15 @@ PHI3_MINI_SHAPES = [("qkv_proj", 3072, 9216), ("o_proj", 3072, 3072), ("gate_up_
                     ("down_proj", 8192, 3072)]
 QUICK_SHAPES = [("qkv_proj", 64, 192), ("o_proj", 64, 64), ("gate_up_proj", 64, 256), ("down_proj", 128, 64)]
 PEERS = ("peft", "loralib")  # the other LoRA layers each variant's time is compared with, round by round
-TARGETS = {  # (dtype, dropout) -> the most lora/floor may be
-    (torch.float32, True): 1.10, (torch.float32, False): 1.05,
-    (torch.bfloat16, True): 1.30, (torch.bfloat16, False): 1.12,
+# Each mode: (label, dtype of the layer and its input, autocast dtype or None). The autocast mode is what
+# `Trainer(bf16=True)` runs: a float32 layer and input, forward under torch.autocast("cpu", torch.bfloat16).
+AUTOCAST_BF16 = "float32 autocast-bf16"
+MODES = {"float32": (torch.float32, None), "bfloat16": (torch.bfloat16, None),
+         AUTOCAST_BF16: (torch.float32, torch.bfloat16)}
+TARGETS = {  # (mode, dropout) -> the most lora/floor may be; under autocast the GEMMs run in bf16, as in bfloat16
+    ("float32", True): 1.10, ("float32", False): 1.05,
+    ("bfloat16", True): 1.30, ("bfloat16", False): 1.12,
+    (AUTOCAST_BF16, True): 1.30, (AUTOCAST_BF16, False): 1.12,
 }
 
 
@@ -141,8 +148,13 @@ def bf16_is_slow(tokens: int) -> float:
     return times[torch.bfloat16] / times[torch.float32]
 
 
-def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int,
-        dropouts=(0.05, 0.0)) -> list[dict]:
+def run(mode: str, shapes, tokens: int, rounds: int, r: int, alpha: int, dropouts=(0.05, 0.0)) -> list[dict]:
+    dtype, autocast = MODES[mode]
+
+    def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            return module(x)
+
     rows = []
     for p in dropouts:
         for name, in_f, out_f in shapes:
@@ -150,26 +162,26 @@ def run(dtype: torch.dtype, shapes, tokens: int, rounds: int, r: int, alpha: int
             base = nn.Linear(in_f, out_f, bias=False, dtype=dtype).requires_grad_(False)
             variants = build_variants(base, name, r, alpha, p)
             x = torch.randn(tokens, in_f, dtype=dtype, requires_grad=True)
-            dy = torch.randn(tokens, out_f, dtype=dtype)
+            dy = torch.randn(tokens, out_f, dtype=autocast or dtype)
             times: dict[str, list[float]] = {k: [] for k in variants}
             for module in variants.values():  # warm-up
-                module(x).backward(dy)
+                forward(module, x).backward(dy)
             order = list(variants.items())
             for i in range(rounds):
                 # each round starts at a different variant, so no one always runs right after the same other
                 for key, module in order[i % len(order):] + order[:i % len(order)]:
                     start = time.perf_counter()
-                    module(x).backward(dy)
+                    forward(module, x).backward(dy)
                     times[key].append(time.perf_counter() - start)
-            floor_saved = saved_bytes(lambda m=base, x=x: m(x), [x, base.weight])
+            floor_saved = saved_bytes(lambda m=base, x=x: forward(m, x), [x, base.weight])
             for key, module in variants.items():
                 ratios = [t / f for t, f in zip(times[key], times["floor"], strict=True)]
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
                 # per-round ratios to each peer's plain LoRA layer, paired within a round like the floor's
                 to_peer = {peer: [t / f for t, f in zip(times[key], times[peer], strict=True)]
                            for peer in PEERS if peer in times}
-                saved = saved_bytes(lambda m=module, x=x: m(x), [x, *module.parameters()]) - floor_saved
-                rows.append(dict(dtype=str(dtype).removeprefix("torch."), dropout=p, shape=f"{name} {in_f}->{out_f}",
+                saved = saved_bytes(lambda m=module, x=x: forward(m, x), [x, *module.parameters()]) - floor_saved
+                rows.append(dict(dtype=mode, dropout=p, shape=f"{name} {in_f}->{out_f}",
                                  variant=key, ms=statistics.median(times[key]) * 1e3,
                                  ratio=statistics.median(ratios), ci=median_ci(ratios),
                                  spread=(q[0], q[2]), saved_mb=saved / 2**20,
@@ -200,8 +212,7 @@ def print_table(rows: list[dict], check: bool) -> None:
     for row in rows:
         if row["variant"] != "lora":
             continue
-        dtype = getattr(torch, row["dtype"])
-        target = TARGETS[(dtype, row["dropout"] > 0)]
+        target = TARGETS[(row["dtype"], row["dropout"] > 0)]
         line = (f"{row['dtype']} dropout {row['dropout']} {row['shape']}: lora {row['ratio']:.3f}x floor "
                 f"(95% CI {row['ci'][0]:.3f}-{row['ci'][1]:.3f}), target {target:.2f}x: "
                 f"{_verdict(row['ci'], target, 'meets', 'MISSES')}")
@@ -220,8 +231,8 @@ def main() -> None:
                         help="comma-separated shape names to run (qkv_proj,o_proj,gate_up_proj,down_proj)")
     parser.add_argument("--dropouts", default="0.05,0.0", help="comma-separated dropout rates")
     parser.add_argument("--dtypes", default="auto",
-                        help="comma-separated (float32,bfloat16); 'auto' skips bfloat16 on CPUs where a bf16 "
-                             "matmul is over 3x slower than float32")
+                        help=f"comma-separated modes ({','.join(MODES)}); 'auto' runs all of them but skips the "
+                             "bf16 ones on CPUs where a bf16 matmul is over 3x slower than float32")
     args = parser.parse_args()
     shapes, tokens, rounds = (QUICK_SHAPES, 32, 3) if args.quick else (PHI3_MINI_SHAPES, args.tokens, args.rounds)
     if args.shapes != "all":
@@ -232,20 +243,24 @@ def main() -> None:
         shapes = [shape for shape in shapes if shape[0] in wanted]
     dropouts = tuple(float(p) for p in args.dropouts.split(","))
     if args.dtypes == "auto":
-        dtypes = [torch.float32, torch.bfloat16]
+        modes = list(MODES)
         if not args.quick:
             slowdown = bf16_is_slow(tokens)
             if slowdown > 3:
-                dtypes = [torch.float32]
-                print(f"bfloat16 skipped: on this CPU a frozen bf16 nn.Linear step takes {slowdown:.1f}x the float32 "
-                      "one (no bf16 matmul units); pass --dtypes float32,bfloat16 to run it anyway\n")
+                modes = ["float32"]
+                print(f"bfloat16 and {AUTOCAST_BF16} skipped: on this CPU a frozen bf16 nn.Linear step takes "
+                      f"{slowdown:.1f}x the float32 one (no bf16 matmul units); pass --dtypes "
+                      f"'{','.join(MODES)}' to run them anyway\n")
     else:
-        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+        modes = args.dtypes.split(",")
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            parser.error(f"unknown mode(s) {unknown}; expected some of {list(MODES)}")
     r, alpha = (4, 8) if args.quick else (16, 32)
     print(f"{tokens} tokens, r={r}, alpha={alpha}, {rounds} interleaved rounds, {torch.get_num_threads()} threads\n")
     rows = []
-    for dtype in dtypes:
-        rows += run(dtype, shapes, tokens, rounds, r=r, alpha=alpha, dropouts=dropouts)
+    for mode in modes:
+        rows += run(mode, shapes, tokens, rounds, r=r, alpha=alpha, dropouts=dropouts)
     print_table(rows, check=not args.quick)
 
 

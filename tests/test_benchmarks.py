@@ -18,10 +18,11 @@ def test_lora_linear_quick_mode_prints_every_variant():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_linear.py"), "--quick"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| float32")]
-    variants = {row[3] for row in rows}
-    assert {"floor", "lora", "lora merged", "peft", "loralib", "loralib merged"} <= variants
-    assert len({row[2] for row in rows}) == 4  # the four Phi-3 projection shapes
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")]
+    for mode in ("float32", "bfloat16", "float32 autocast-bf16"):  # autocast: what Trainer(bf16=True) runs
+        of_mode = [row for row in rows if row[0] == f"| {mode}"]
+        assert {"floor", "lora", "lora merged", "peft", "loralib", "loralib merged"} <= {row[3] for row in of_mode}
+        assert len({row[2] for row in of_mode}) == 4  # the four Phi-3 projection shapes
 
 
 def _lora_linear_module():
