@@ -48,13 +48,26 @@ def _open(path: Path, backend: str = "mmap") -> Any:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
+def _read_json(path: Path) -> Any:
+    """`json.loads` of a file; a malformed one is a ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
 def _weight_files(root: Path) -> dict[str, Path]:
     """Map each tensor name to its file, from the index when there is one; errors name the missing file."""
     index = root / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
+        for name, shard in weight_map.items():
+            # A shard is a file of this directory: never a path elsewhere (`../x.safetensors`, `/etc/...`).
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise ValueError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name in {root}")
         files = {name: root / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -139,6 +152,10 @@ def from_pretrained(
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
     config = Phi3Config.from_json(root / CONFIG_NAME)
+    generation_path = root / GENERATION_CONFIG_NAME
+    generation = _read_json(generation_path) if generation_path.is_file() else {}
+    if not isinstance(generation, dict):
+        raise ValueError(f"{generation_path}: expected a JSON object")
     files = _weight_files(root)
     headers = _read_headers(files)
     with torch.device("meta"):
@@ -162,8 +179,7 @@ def from_pretrained(
         model.lm_head.weight = model.model.embed_tokens.weight
     config.dtype = _DTYPE_NAMES[dtype]
     model.name_or_path = str(root)
-    generation = root / GENERATION_CONFIG_NAME
-    model.generation_config = json.loads(generation.read_text()) if generation.is_file() else {}
+    model.generation_config = generation
     return model
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,7 @@ class Phi3Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -192,6 +194,50 @@ class Phi3Config:
             out["head_dim"] = self.head_dim
         return out
 
+    def _check_types(self) -> None:
+        """Each field of its type and range (a bool is not an int, a string not a number): a ValueError naming it."""
+        def fail(name: str, expected: str) -> None:
+            value = getattr(self, name)
+            raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "original_max_position_embeddings", "num_key_value_heads",
+                     "head_dim", "sliding_window"):
+            value = getattr(self, name)
+            optional = name in ("num_key_value_heads", "head_dim", "sliding_window")
+            if not (optional and value is None) and not (is_int(value) and value > 0):
+                fail(name, "a positive integer" + (" or null" if optional else ""))
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "attention_factor"):
+            value = getattr(self, name)
+            if not (name in ("rope_factor", "attention_factor") and value is None) and not (
+                    is_number(value) and value > 0):
+                fail(name, "a positive number")
+        if not (is_number(self.partial_rotary_factor) and 0 < self.partial_rotary_factor <= 1):
+            fail("partial_rotary_factor", "a number in (0, 1]")
+        for name in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
+            if not (is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+                fail(name, "a number in [0, 1)")
+        if not isinstance(self.tie_word_embeddings, bool):
+            fail("tie_word_embeddings", "true or false")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not all(is_int(i) and i >= 0 for i in ids):
+                fail(name, "a token id (an integer >= 0)" + (", a list of them" if name == "eos_token_id" else "")
+                     + " or null")
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and all(is_number(v) for v in value)):
+                fail(name, "a list of numbers or null")
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            fail("dtype", "a dtype name such as \"bfloat16\"")
+
     def _validate(self) -> None:
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; Phi-3 uses 'silu'")
@@ -202,6 +248,9 @@ class Phi3Config:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be null or a positive int, got {self.sliding_window}")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) x partial_rotary_factor ({self.partial_rotary_factor}) "
+                             f"must give an even number of rotary channels >= 2, got {self.rotary_dim}")
         if self.rope_type == "longrope":
             for name in ("short_factor", "long_factor"):
                 factors = getattr(self, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -250,3 +251,25 @@ def test_truncated_file(tiny_dir: Path) -> None:
     (tiny_dir / "model.safetensors").write_bytes(data[:1000])
     with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
         from_pretrained(tiny_dir)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", "..", 7])
+def test_index_pointing_outside_the_directory_is_refused(tiny_dir: Path, tmp_path: Path, shard) -> None:
+    out = tmp_path / "sharded"
+    save_pretrained(from_pretrained(tiny_dir), out, max_shard_size=20_000)
+    first = sorted(out.glob("model-*.safetensors"))[0]
+    (tmp_path / "outside.safetensors").write_bytes(first.read_bytes())  # a real file there: it must not be read
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json: tensor 'model\.norm\.weight' maps to .*not a file name in"):
+        from_pretrained(out)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "generation_config.json", "config.json"])
+def test_malformed_json_names_the_file(tiny_dir: Path, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "sharded"
+    save_pretrained(from_pretrained(tiny_dir), out, max_shard_size=20_000)
+    (out / name).write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(out / name))}: not valid JSON"):
+        from_pretrained(out)

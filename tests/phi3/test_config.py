@@ -158,3 +158,35 @@ def test_bad_head_counts_and_activation() -> None:
         Phi3Config(num_key_value_heads=5)
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
         Phi3Config(hidden_act="gelu")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("rms_norm_eps", 0, "rms_norm_eps must be a positive number, got 0"),
+        ("rms_norm_eps", -1e-5, "rms_norm_eps must be a positive number"),
+        ("rope_theta", 0.0, "rope_theta must be a positive number"),
+        ("rope_theta", "10000", "rope_theta must be a positive number, got '10000' \\(str\\)"),
+        ("partial_rotary_factor", 0.0, "partial_rotary_factor must be a number in \\(0, 1\\]"),
+        ("partial_rotary_factor", 1.5, "partial_rotary_factor must be a number in \\(0, 1\\]"),
+        ("num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
+        ("num_key_value_heads", 0, "num_key_value_heads must be a positive integer or null"),
+        ("hidden_size", -8, "hidden_size must be a positive integer, got -8"),
+        ("hidden_size", "3072", "hidden_size must be a positive integer, got '3072' \\(str\\)"),
+        ("num_hidden_layers", True, "num_hidden_layers must be a positive integer, got True \\(bool\\)"),
+        ("vocab_size", 32064.0, "vocab_size must be a positive integer, got 32064.0"),
+        ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+        ("eos_token_id", [32000, "x"], "eos_token_id must be a token id"),
+        ("attention_dropout", 1.0, "attention_dropout must be a number in \\[0, 1\\)"),
+    ],
+)
+def test_bad_values_name_config_json_and_the_key(tmp_path: Path, key: str, value, message: str) -> None:
+    path = _write(tmp_path, {**MINI_128K_V4, "rope_scaling": None, key: value})
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        Phi3Config.from_json(path)
+
+
+def test_numpy_integers_are_integers() -> None:
+    np = pytest.importorskip("numpy")
+    config = Phi3Config(hidden_size=np.int64(64), num_attention_heads=np.int32(4), vocab_size=100)
+    assert config.head_dim == 16
