@@ -136,6 +136,20 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: adapter format version {metadata.get('format_version')!r} is not supported "
                          f"(this library reads version {FORMAT_VERSION})")
+    for key in ("layers", "fingerprint"):
+        if key not in metadata:
+            raise ValueError(f"{path}: metadata lacks {key!r}; not a complete adapter file")
+        try:
+            value = json.loads(metadata[key])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({error})") from error
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: metadata {key!r} is not valid JSON of an object")
+    for name, tensor in sorted(tensors.items()):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; adapters are floating point")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or inf")
     return metadata, tensors
 
 

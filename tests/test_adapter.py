@@ -55,7 +55,7 @@ def test_round_trip_is_exact_and_holds_only_adapters(tmp_path):
     assert fingerprint["architecture"] == {"model_type": "toy", "hidden_size": 8, "max_position_embeddings": 4096,
                                            "rope_type": "default"}
     assert fingerprint["weights"]["out"] == [[8, 24], "float32"]
-    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
 def test_loading_into_an_eval_mode_model_reaches_the_output(tmp_path):
@@ -142,6 +142,34 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
         lora.load_adapter(trained(), tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t, m: m.pop("layers"), "metadata lacks 'layers'"),
+        (lambda t, m: m.pop("fingerprint"), "metadata lacks 'fingerprint'"),
+        (lambda t, m: m.update(layers="{"), "metadata 'layers' is not valid JSON"),
+        (lambda t, m: m.update(layers="[]"), "metadata 'layers' is not valid JSON"),
+        (lambda t, m: t.update({"out.lora_A": t["out.lora_A"].long()}), "tensor 'out.lora_A' has dtype torch.int64"),
+        (lambda t, m: t["out.lora_B"].view(-1).__setitem__(0, float("nan")), "tensor 'out.lora_B' holds NaN or inf"),
+    ],
+)
+def test_adapter_files_with_bad_metadata_or_tensors(tmp_path, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "a.safetensors"
+    lora.save_adapter(trained(), path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    edit(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+    model = trained(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        lora.load_adapter(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_save_without_adapters_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="the model has no LoRA layers with r > 0"):
         lora.save_adapter(nn.Linear(2, 2), tmp_path / "a.safetensors")
@@ -162,4 +190,4 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         lora.save_adapter(trained(seed=5), path)
     assert path.read_bytes() == before
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*"))

@@ -166,7 +166,49 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise ValueError(f"{config_path}: {key}={config[key]!r} is not supported by lora.phi3")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{config_path}: bias={config['bias']!r} is not supported by lora.phi3 (only 'none')")
+    _check_config_types(config, config_path)
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config_types(config: dict[str, Any], path: Path) -> None:
+    """Each value PEFT's loader would use, of its type: a ValueError naming the file and key otherwise."""
+    def fail(key: str, expected: str) -> None:
+        raise ValueError(f"{path}: {key} must be {expected}, got {config[key]!r} ({type(config[key]).__name__})")
+
+    if "r" in config and not (_is_int(config["r"]) and config["r"] > 0):
+        fail("r", "a positive integer")
+    if "lora_alpha" in config and not (_is_number(config["lora_alpha"]) and config["lora_alpha"] > 0):
+        fail("lora_alpha", "a positive number")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        fail("lora_dropout", "a number in [0, 1)")
+    if "use_rslora" in config and not isinstance(config["use_rslora"], bool):
+        fail("use_rslora", "true or false (a boolean, not a string)")
+    # Inits that change the base weights (PiSSA, OLoRA, CorDA, LoftQ, EVA...) make an adapter that is only
+    # right on that changed base; only the plain ones leave the base as it was.
+    if config.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        fail("init_lora_weights", "true, false or \"gaussian\" (other inits change the base weights, which "
+             "lora.phi3 does not reproduce)")
+    for key, valid in (("rank_pattern", lambda v: _is_int(v) and v > 0), ("alpha_pattern", _is_number)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            fail(key, "an object of {regex: value}")
+        for regex, value in pattern.items():
+            try:
+                re.compile(regex)
+            except re.error as err:
+                raise ValueError(f"{path}: {key} key {regex!r} is not a valid regular expression ({err})") from err
+            if not valid(value):
+                raise ValueError(f"{path}: {key}[{regex!r}] must be a positive "
+                                 f"{'integer' if key == 'rank_pattern' else 'number'}, got {value!r}")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

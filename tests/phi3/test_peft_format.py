@@ -107,6 +107,17 @@ def write_adapter(tmp_path, model, **config_changes):
         ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] is not supported by lora.phi3"),
         ({"bias": "all"}, "bias='all' is not supported by lora.phi3 (only 'none')"),
         ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported; only 'LORA' is"),
+        ({"use_rslora": "false"}, "use_rslora must be true or false (a boolean, not a string), got 'false' (str)"),
+        ({"r": "2"}, "r must be a positive integer, got '2' (str)"),
+        ({"lora_alpha": True}, "lora_alpha must be a positive number, got True (bool)"),
+        ({"lora_dropout": "0.1"}, "lora_dropout must be a number in [0, 1), got '0.1' (str)"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights must be true, false or \"gaussian\" (other inits "
+         "change the base weights, which lora.phi3 does not reproduce), got 'pissa' (str)"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights must be true, false or \"gaussian\" (other inits "
+         "change the base weights, which lora.phi3 does not reproduce), got 'olora' (str)"),
+        ({"alpha_pattern": {"q(": 2}}, "alpha_pattern key 'q(' is not a valid regular expression "
+         "(missing ), unterminated subpattern at position 1)"),
+        ({"rank_pattern": {"qkv_proj": "4"}}, "rank_pattern['qkv_proj'] must be a positive integer, got '4'"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(hf_checkpoint, tmp_path, change, message):
