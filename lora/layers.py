@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "Conv3d",
     "check_lora_shapes",
     "check_lora_shapes_on_load",
+    "check_state_dict",
 ]
 
 
@@ -62,9 +64,19 @@ def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1); got {lora_dropout}")
 
 
+def check_flags(**flags: Any) -> None:
+    """Raise ``TypeError`` unless each flag is a bool (numpy's too): the string ``"false"`` is truthy."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False; got {value!r} of type {type(value).__name__}")
+
+
 def _adapter_dtype(weight: torch.Tensor, adapter_dtype: torch.dtype | None) -> torch.dtype:
     # Adapters train in float32 over a 16-bit base: their updates are far below bf16's resolution.
     if adapter_dtype is not None:
+        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+            raise TypeError(f"adapter_dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+                            f"...) or None; got {adapter_dtype!r}")
         return adapter_dtype
     return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
 
@@ -86,7 +98,9 @@ class LoRALayer:
         self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, *, use_rslora: bool = False
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_flags(use_rslora=use_rslora, merge_weights=merge_weights)
         r = int(r)
+        use_rslora, merge_weights = bool(use_rslora), bool(merge_weights)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
@@ -173,7 +187,8 @@ class LoRALayer:
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        check_lora_shapes(self, state_dict, prefix)  # before torch copies anything into this layer
+        # Before torch copies anything into this layer.
+        check_state_dict(self, state_dict, prefix, strict=_requested_strict())
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -208,12 +223,54 @@ def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
                 )
 
 
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "", *, strict: bool = True) -> None:
+    """Raise unless ``model.load_state_dict(state_dict, strict=strict)`` would load completely.
+
+    Every tensor's shape must match (LoRA or not; a ``ValueError`` naming the first key), and with ``strict``
+    no key under ``prefix`` may be missing or unexpected (a ``RuntimeError``, as torch's). Without this check
+    torch copies module by module and raises only at the end, leaving the model half-loaded.
+    """
+    check_lora_shapes(model, state_dict, prefix)
+    expected = {prefix + name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+    given = {key: key for key in state_dict if key.startswith(prefix)}
+    for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
+        if isinstance(module, ConvLoRA):  # loralib 0.1.2's `conv.weight`, accepted on load
+            head = f"{name}." if name else ""
+            for leaf in ("weight", "bias"):
+                if head + "conv." + leaf in given and head + leaf not in given:
+                    given[head + leaf] = given.pop(head + "conv." + leaf)
+    for key in sorted(set(given) & set(expected)):
+        have, want = getattr(state_dict[given[key]], "shape", None), expected[key].shape
+        if have is not None and tuple(have) != tuple(want) and not (tuple(want) == () and tuple(have) == (1,)):
+            raise ValueError(f"shape mismatch for {given[key]}: the model's is {tuple(want)}, the state dict "
+                             f"has {tuple(have)}; nothing was loaded")
+    if strict:
+        missing, unexpected = sorted(set(expected) - set(given)), sorted(given[k] for k in set(given) - set(expected))
+        if missing or unexpected:
+            parts = [f"Missing key(s) in state_dict: {', '.join(map(repr, missing[:10]))}"] if missing else []
+            parts += [f"Unexpected key(s) in state_dict: {', '.join(map(repr, unexpected[:10]))}"] if unexpected else []
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: {'; '.join(parts)}; "
+                               "nothing was loaded (strict=False allows missing and unexpected keys)")
+
+
+def _requested_strict() -> bool:
+    """The ``strict`` of the ``Module.load_state_dict`` call under way (torch passes its hooks and
+    ``_load_from_state_dict`` ``strict=True`` whatever the caller asked); False when there is none."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is nn.Module.load_state_dict.__code__:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return False
+
+
 def _check_lora_shapes_hook(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-    check_lora_shapes(module, state_dict, prefix)
+    check_state_dict(module, state_dict, prefix, strict=_requested_strict())
 
 
 def check_lora_shapes_on_load(model: nn.Module) -> None:
-    """Make ``model.load_state_dict`` check every LoRA shape before it loads anything. Idempotent.
+    """Make ``model.load_state_dict`` check the whole state dict (``check_state_dict``: every shape, and with
+    ``strict`` every key) before it loads anything. Idempotent.
 
     Each LoRA layer checks its own keys anyway, but torch loads module by module, so without this a
     mismatch in a late layer would be raised after earlier modules were overwritten.
@@ -224,11 +281,18 @@ def check_lora_shapes_on_load(model: nn.Module) -> None:
         model.register_load_state_dict_pre_hook(_check_lora_shapes_hook)
 
 
+def _refuse_lora_layer(cls: type, module: nn.Module) -> None:
+    if isinstance(module, LoRALayer) and module.r > 0:
+        raise TypeError(f"{cls.__name__}.from_module: the module is already a LoRA layer ({type(module).__name__}, "
+                        f"r={module.r}); wrapping it again would drop its adapter. Use it as it is")
+
+
 def _adopt(cls: type, module: nn.Module, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> Any:
     """A new ``cls`` instance holding ``module``'s attributes and its very Parameter objects, with LoRA state.
 
     ``module`` is not modified: bad hyperparameters raise before anything is shared.
     """
+    _refuse_lora_layer(cls, module)
     layer = cls.__new__(cls)
     for key, value in module.__dict__.items():
         # Containers are copied shallowly: the layer adds lora_A/lora_B to its own dicts only.
@@ -240,6 +304,7 @@ def _adopt(cls: type, module: nn.Module, r, lora_alpha, lora_dropout, merge_weig
 def _check_weight_layout(module: nn.Linear, fan_in_fan_out: bool) -> None:
     # An nn.Linear stores (out, in); only loralib-style layers built with fan_in_fan_out=True store
     # (in, out), and they say so. A mismatch would be silently wrong on a square layer.
+    check_flags(fan_in_fan_out=fan_in_fan_out)
     stored = bool(getattr(module, "fan_in_fan_out", False))
     if fan_in_fan_out != stored:
         layout = "(in_features, out_features)" if stored else "(out_features, in_features)"
@@ -250,6 +315,11 @@ def _check_weight_layout(module: nn.Linear, fan_in_fan_out: bool) -> None:
 
 
 def _init_adapters(layer: LoRALayer, a_shape: Sequence[int], b_shape: Sequence[int], dtype: torch.dtype) -> None:
+    if 0 in (*a_shape, *b_shape):
+        sizes = ", ".join(f"{name}={getattr(layer, name)}" for name in (
+            "in_features", "out_features", "num_embeddings", "embedding_dim", "in_channels", "out_channels")
+            if hasattr(layer, name))
+        raise ValueError(f"{type(layer).__name__}: a rank-{layer.r} adapter needs every size positive; got {sizes}")
     device = layer.weight.device
     layer.lora_A = nn.Parameter(torch.zeros(a_shape, device=device, dtype=dtype))
     layer.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
@@ -282,6 +352,7 @@ class Linear(LoRALayer, nn.Linear):
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
+        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -430,6 +501,7 @@ class MergedLinear(Linear):
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
+        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -552,6 +624,10 @@ class Embedding(LoRALayer, nn.Embedding):
         check_hyperparameters(r, lora_alpha, 0.0)
         if r > 0 and kwargs.get("sparse"):
             raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
+        padding_idx = kwargs.get("padding_idx")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx must be in [-num_embeddings, num_embeddings) = [{-num_embeddings}, "
+                             f"{num_embeddings}); got {padding_idx}")
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights, use_rslora=use_rslora)
         if r > 0:
@@ -692,6 +768,7 @@ class ConvLoRA(LoRALayer):
     ):
         """Wrap an ``nn.Conv1d/2d/3d`` without copying; uses the true-rank parameterisation
         unless the kernel is square (and 2d) or 1, as the constructor does."""
+        _refuse_lora_layer(cls, module)
         target = ConvLoRA._conv_types.get(type(module))
         if target is None or cls not in (ConvLoRA, target):
             expected = "an nn.Conv1d, nn.Conv2d or nn.Conv3d" if cls is ConvLoRA else f"an nn.{cls.__name__}"

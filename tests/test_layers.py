@@ -717,3 +717,105 @@ def test_a_meta_device_layer_says_its_weight_has_no_values():
                                            r"materialise it before forward"):
         layer(torch.randn(3, 8))
     assert layer(torch.randn(3, 8, device="meta")).shape == (3, 6)  # shape inference on meta still works
+
+
+# --- issue 13: no half-loads, no wrapped adapters, clear errors for bad constructor arguments ---
+
+
+def _changed(module, before):
+    return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+
+
+def _half_load_cases(sd):
+    """(name, edited state dict, strict values that must refuse it)."""
+    missing = {k: v for k, v in sd.items() if k != "2.weight"}  # a late base weight, not a LoRA one
+    unexpected = {**sd, "2.extra": torch.zeros(1)}
+    wrong_base = {**sd, "2.weight": torch.zeros(5, 4)}
+    return [("missing", missing, (True,)), ("unexpected", unexpected, (True,)), ("shape", wrong_base, (True, False))]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_model_level_load_checks_every_key_first(strict):
+    model = nn.Sequential(nn.Linear(4, 4), lora.Linear(4, 4, r=2), lora.Linear(4, 4, r=2))
+    lora.mark_only_lora_as_trainable(model)
+    other = copy.deepcopy(model)
+    randomise(other, seed=7)
+    for name, state, refusing in _half_load_cases(other.state_dict()):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        if strict in refusing:
+            with pytest.raises((RuntimeError, ValueError), match="nothing was loaded"):
+                model.load_state_dict(state, strict=strict)
+            assert _changed(model, before) == [], name
+        else:
+            model.load_state_dict(state, strict=strict)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("strict", [True, False])
+def test_layer_level_load_checks_every_key_first(kind, strict):
+    layer, _ = build(kind)
+    other, _ = build(kind)
+    randomise(other, seed=9)
+    sd = other.state_dict()
+    weight = sd["weight"]
+    cases = [("missing", {k: v for k, v in sd.items() if k != "weight"}, (True,)),
+             ("unexpected", {**sd, "extra": torch.zeros(1)}, (True,)),
+             ("shape", {**sd, "weight": torch.zeros(weight.shape[0] + 1, *weight.shape[1:])}, (True, False))]
+    for name, state, refusing in cases:
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        if strict in refusing:
+            with pytest.raises((RuntimeError, ValueError), match="nothing was loaded"):
+                layer.load_state_dict(state, strict=strict)
+            assert _changed(layer, before) == [], (name, kind)
+    layer.load_state_dict(sd, strict=strict)
+    assert all(torch.equal(v, sd[k]) for k, v in layer.state_dict().items())
+
+
+def test_loralib_conv_keys_still_load_under_the_whole_state_dict_check():
+    model = nn.Sequential(lora.Conv2d(4, 6, 3, r=2))
+    lora.mark_only_lora_as_trainable(model)
+    sd = {("0.conv." + k if k in ("weight", "bias") else "0." + k): v for k, v in
+          {k.removeprefix("0."): v for k, v in model.state_dict().items()}.items()}
+    model.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_module_of_a_lora_layer_is_refused(kind):
+    layer, _ = build(kind)
+    cls = getattr(lora, kind)
+    args = ((8, 4, 4),) if kind == "MergedLinear" else ()
+    with pytest.raises(TypeError, match=rf"^{kind}.from_module: the module is already a LoRA layer \({kind}, r=3\)"):
+        cls.from_module(layer, *args, r=2)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: lora.Linear(4, 4, r=2, use_rslora="false"), TypeError,
+         "use_rslora must be True or False; got 'false'"),
+        (lambda: lora.Linear(4, 4, r=2, merge_weights="no"), TypeError, "merge_weights must be True or False"),
+        (lambda: lora.Linear(4, 4, r=2, fan_in_fan_out=0), TypeError, "fan_in_fan_out must be True or False; got 0"),
+        (lambda: lora.MergedLinear(4, 6, r=2, enable_lora=(True, False), use_rslora="true"), TypeError,
+         "use_rslora must be True or False"),
+        (lambda: lora.Embedding(5, 4, r=2, use_rslora="false"), TypeError, "use_rslora must be True or False"),
+        (lambda: lora.Conv2d(4, 6, 3, r=2, use_rslora="false"), TypeError, "use_rslora must be True or False"),
+        (lambda: lora.Linear.from_module(nn.Linear(4, 4), r=2, use_rslora="false"), TypeError,
+         "use_rslora must be True or False"),
+        (lambda: lora.Linear(4, 4, r=2, adapter_dtype=torch.int64), TypeError,
+         "adapter_dtype must be a floating-point torch.dtype .*; got torch.int64"),
+        (lambda: lora.Linear(4, 4, r=2, adapter_dtype="float32"), TypeError, "adapter_dtype must be a floating-point"),
+        (lambda: lora.Linear(0, 4, r=2), ValueError,
+         "Linear: a rank-2 adapter needs every size positive; got in_features=0, out_features=4"),
+        (lambda: lora.Embedding(5, 4, r=2, padding_idx=5), ValueError,
+         r"padding_idx must be in \[-num_embeddings, num_embeddings\) = \[-5, 5\); got 5"),
+    ],
+)
+def test_bad_constructor_arguments_are_clear_errors(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_numpy_bools_are_bools():
+    np = pytest.importorskip("numpy")
+    layer = lora.Linear(4, 4, r=2, use_rslora=np.bool_(True))
+    assert layer.use_rslora is True
