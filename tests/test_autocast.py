@@ -266,15 +266,17 @@ def test_fp16_autocast_with_grad_scaler_trains_a_patched_phi3_without_overflow_a
     torch.manual_seed(0)
     config = Phi3Config.from_dict({"model_type": "phi3", "vocab_size": 101, "hidden_size": 32,
                                    "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                   "num_key_value_heads": 4, "max_position_embeddings": 64})
+                                   "num_key_value_heads": 4, "max_position_embeddings": 256})
     model = Phi3ForCausalLM(config)
     patch(model, r=4, lora_alpha=8, lora_dropout=0.05)
     lora.mark_only_lora_as_trainable(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
-    scaler = torch.amp.GradScaler("cpu")
-    ids = torch.randint(3, 101, (4, 32), generator=torch.Generator().manual_seed(1))
+    # A scale of 2^24 (256x the default): a float16 dA or dB overflows now and then at this scale (it did at
+    # steps 0 and 20 when they were float16 products); float32 ones do not.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    ids = torch.randint(3, 101, (8, 64), generator=torch.Generator().manual_seed(1))
     losses, skipped = [], []
     for _ in range(30):
         with autocast(torch.float16):
@@ -291,4 +293,4 @@ def test_fp16_autocast_with_grad_scaler_trains_a_patched_phi3_without_overflow_a
     first_good = skipped.index(False)
     assert first_good < 10, skipped  # the first scale adjustments
     assert not any(skipped[first_good:]), skipped  # and none after
-    assert losses[-1] < losses[first_good] - 0.5, losses
+    assert losses[-1] < losses[first_good] - 0.1, losses
