@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lora
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_phi3.py"
 sys.path.insert(0, str(ROOT / "tests" / "phi3"))
@@ -334,3 +336,22 @@ def test_writing_the_embedded_checkpoint_leaves_the_run_s_random_stream_alone(tm
     # and what was written is the same model as the shared one
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / "tiny-phi3" / name).read_bytes() == (cached / name).read_bytes(), name
+
+
+def test_a_checkpoint_is_replaced_whole_with_a_fault_between_any_two_files(tmp_path, monkeypatch):
+    from test_atomic_saves import assert_all_or_nothing
+
+    model = torch.nn.Sequential(lora.Linear(4, 4, r=2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    config = {**train_phi3.training_config, **train_phi3.peft_config}
+    path = tmp_path / "checkpoints" / "step-000002"
+    train_phi3.save_checkpoint(path, 2, 4, model, optimizer, scheduler, config, {"size": 1, "sha256": "a"})
+    with torch.no_grad():
+        model[0].lora_B.fill_(1.0)
+
+    def save():
+        train_phi3.save_checkpoint(path, 2, 4, model, optimizer, scheduler, {**config, "seed": 1},
+                                   {"size": 2, "sha256": "b"})
+
+    assert assert_all_or_nothing(monkeypatch, path, save) >= 3  # adapter, config, their renames, the swap
