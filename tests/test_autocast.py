@@ -274,9 +274,9 @@ def test_fp16_autocast_with_grad_scaler_trains_a_patched_phi3_without_overflow_a
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     # A scale of 2^24 (256x the default): a float16 dA or dB overflows now and then at this scale (it did at
-    # steps 0 and 20 when they were float16 products); float32 ones do not.
+    # steps 0 and 15 when they were float16 products); float32 ones do not.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-    ids = torch.randint(3, 101, (8, 64), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 101, (4, 64), generator=torch.Generator().manual_seed(1))
     losses, skipped = [], []
     for _ in range(30):
         with autocast(torch.float16):
