@@ -27,6 +27,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .layers import LoRALayer, MergedLinear
+from .sharding import shard_like, writes_files
 from .trainable import lora_state_dict
 
 __all__ = ["save_adapter", "load_adapter", "adapter_metadata", "AdapterMismatchError"]
@@ -112,13 +113,17 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model``'s adapters (``lora_A``/``lora_B`` of every LoRA layer) to one safetensors file.
 
+    On a model sharded with FSDP2, call it on every rank: the adapters are gathered whole and rank 0
+    writes ``path`` (the other ranks write nothing).
+
     >>> lora.save_adapter(model, "adapter.safetensors")  # doctest: +SKIP
     """
     tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
     if not tensors:
         raise ValueError("the model has no LoRA layers with r > 0: there is no adapter to save")
     metadata = adapter_metadata(model)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if writes_files(model):
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -159,11 +164,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprin
     Raises ``AdapterMismatchError`` naming the first tensor or module that does not match, and, when every
     shape matches but the base model differs (say a 4k adapter onto a 128k base), naming the differing
     fields; ``ignore_fingerprint=True`` loads anyway. Nothing is copied unless everything matches.
+    On a model sharded with FSDP2 (call it on every rank) each rank copies its slice of each tensor.
     """
     path = Path(path)
     metadata, tensors = _read(path)
     saved_layers = json.loads(metadata["layers"])
-    own = lora_state_dict(model)
+    own = lora_state_dict(model, full=False)
     for name in sorted(set(tensors) | set(own)):
         if name not in own:
             raise AdapterMismatchError(f"{path}: tensor {name!r} has no place in the model ({_SAME_WAY})")
@@ -190,4 +196,4 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprin
             raise AdapterMismatchError(
                 f"{path}: the adapter was trained on a different base model; differing fields: "
                 + "; ".join(differing) + ". Pass ignore_fingerprint=True to load it anyway")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict({name: shard_like(tensor, own[name]) for name, tensor in tensors.items()}, strict=False)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .layers import LoRALayer, check_lora_shapes_on_load
+from .sharding import full_tensor
 
 __all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "lora_parameter_names"]
 
@@ -52,12 +53,15 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: BiasMode = "none") -> No
     check_lora_shapes_on_load(model)
 
 
-def lora_state_dict(model: nn.Module, bias: BiasMode = "none") -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, bias: BiasMode = "none", *, full: bool = True) -> dict[str, torch.Tensor]:
     """The adapters (and the biases that ``bias`` selects) from ``model.state_dict()``.
+
+    On a model sharded with FSDP2 each tensor is gathered whole (a collective: call it on every rank);
+    ``full=False`` returns the DTensors as they are, without communication.
 
     >>> torch.save(lora.lora_state_dict(model), "adapter.pt")  # doctest: +SKIP
     >>> model.load_state_dict(torch.load("adapter.pt", weights_only=True), strict=False)  # doctest: +SKIP
     """
     names = lora_parameter_names(model, bias)
     state = model.state_dict(keep_vars=False)
-    return {name: state[name] for name in names if name in state}
+    return {name: full_tensor(state[name]) if full else state[name] for name in names if name in state}

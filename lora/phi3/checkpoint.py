@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from safetensors.torch import save_file
 from lora.atomic import atomic_directory
 from lora.phi3.config import Phi3Config
 from lora.phi3.model import Phi3ForCausalLM
+from lora.sharding import is_sharded
 
-__all__ = ["from_pretrained", "save_pretrained"]
+__all__ = ["CheckpointPlan", "from_pretrained", "plan_checkpoint", "save_pretrained"]
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -137,17 +139,28 @@ def _resolve_dtype(
     return dtype
 
 
-def from_pretrained(
-    path: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
-) -> Phi3ForCausalLM:
-    """Load a Phi-3 checkpoint directory; parameters in `dtype` (default: the checkpoint's) on `device`.
+@dataclass
+class CheckpointPlan:
+    """A checked checkpoint directory: the model on the meta device (in `dtype`) and where each tensor lives.
 
-    Every name, shape and dtype is checked before any data is read, so an error leaves nothing behind.
-    Example: `model = from_pretrained("Phi-3-mini-4k-instruct")` (bf16 on CPU, memory-mapped).
+    Every tensor's name, shape and dtype has been checked against config.json; no data has been read.
     """
+
+    root: Path
+    model: Phi3ForCausalLM
+    dtype: torch.dtype
+    files: dict[str, Path]
+    headers: dict[str, tuple[list[int], str]]
+    generation: dict[str, Any]
+
+    def read_rows(self, name: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Rows `[start, stop)` (dim 0) of tensor `name`, read from its file alone, in `dtype` on `device`."""
+        with _open(self.files[name], "pread") as f:
+            return f.get_slice(name)[start:stop].to(device=device, dtype=self.dtype)
+
+
+def plan_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None) -> CheckpointPlan:
+    """Check a Phi-3 checkpoint directory and build its model on the meta device; read no tensor data."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
@@ -162,6 +175,25 @@ def from_pretrained(
         model = Phi3ForCausalLM(config)
     _check_tensors(model, headers, root)
     dtype = _resolve_dtype(dtype, headers, config)
+    config.dtype = _DTYPE_NAMES[dtype]
+    model.name_or_path = str(root)
+    model.generation_config = generation
+    return CheckpointPlan(root, model.to(dtype), dtype, files, headers, generation)
+
+
+def from_pretrained(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> Phi3ForCausalLM:
+    """Load a Phi-3 checkpoint directory; parameters in `dtype` (default: the checkpoint's) on `device`.
+
+    Every name, shape and dtype is checked before any data is read, so an error leaves nothing behind.
+    Example: `model = from_pretrained("Phi-3-mini-4k-instruct")` (bf16 on CPU, memory-mapped).
+    """
+    plan = plan_checkpoint(path, dtype=dtype)
+    model, dtype, files, headers = plan.model, plan.dtype, plan.files, plan.headers
     device = torch.device(device if device is not None else "cpu")
 
     params = dict(model.named_parameters())
@@ -175,11 +207,8 @@ def from_pretrained(
                 tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                 module_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor))
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    config.dtype = _DTYPE_NAMES[dtype]
-    model.name_or_path = str(root)
-    model.generation_config = generation
     return model
 
 
@@ -224,6 +253,9 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
     other files of an existing `path`, such as the tokenizer's, are carried over.
     """
     root = Path(path)
+    if is_sharded(model):
+        raise ValueError("save_pretrained needs the whole model in one process, not one sharded with FSDP2 (save "
+                         "the adapter with lora.save_adapter, on every rank; the base is the checkpoint it came from)")
     max_bytes = _parse_size(max_shard_size)
     tensors = {
         name: tensor.detach()

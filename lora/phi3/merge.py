@@ -23,6 +23,7 @@ from torch import nn
 from lora.atomic import atomic_directory
 from lora.layers import LoRALayer
 from lora.phi3.checkpoint import _parse_size, from_pretrained
+from lora.sharding import is_sharded
 
 __all__ = ["merge_and_save", "MergeVerificationError"]
 
@@ -120,6 +121,10 @@ def merge_and_save(
                               "(or pass overwrite=True to replace a directory)")
     if not any(isinstance(m, LoRALayer) and m.has_lora for m in model.modules()):
         raise ValueError("the model has no adapters to merge (patch it or load an adapter first)")
+    if is_sharded(model):
+        raise ValueError("merge_and_save needs the whole model in one process, not one sharded with FSDP2: after "
+                         "training, load the base (from_pretrained), patch it the same way, load_adapter the saved "
+                         "adapter file and merge that")
     max_bytes = _parse_size(max_shard_size)
     plan = _tensor_plan(model)
     shards: list[list] = [[]]

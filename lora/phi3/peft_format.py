@@ -28,6 +28,7 @@ from torch import nn
 from lora.atomic import atomic_directory
 from lora.layers import Linear, LoRALayer, MergedLinear
 from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs
+from lora.sharding import full_tensor, shard_like, writes_files
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "peft_tensors"]
 
@@ -57,7 +58,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
 
 def _peft_pair(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's (A, B) for one layer: (R, in) and (out, R), float32."""
-    A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
+    A, B = full_tensor(layer.lora_A).detach().float(), full_tensor(layer.lora_B).detach().float()
     if not isinstance(layer, MergedLinear):
         return A.clone(), B.clone()
     r = layer.r
@@ -142,8 +143,11 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, uniform_rank
     ``peft.PeftModel.from_pretrained(transformers_phi3, path)`` then reproduces this model's logits.
     The directory is replaced as a whole (``lora.atomic.atomic_directory``): a crash leaves the old adapter
     or the new one, never new weights beside an old config. Other files of an existing ``path`` stay.
+    On a model sharded with FSDP2, call it on every rank: the adapters are gathered and rank 0 writes.
     """
     tensors, config = peft_tensors(model, uniform_rank=uniform_rank)
+    if not writes_files(model):
+        return
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     ours = {WEIGHTS_NAME, CONFIG_NAME, PICKLE_WEIGHTS_NAME}
     with atomic_directory(path, carry=lambda name: name not in ours) as tmp:
@@ -244,7 +248,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     layers, PEFT's layout, with ``rank_pattern``/``alpha_pattern`` honoured). Onto a patched model the
     layout must match: the same modules with the same rank and scaling (a ``MergedLinear`` accepts the
     block-diagonal layout ``save_peft_adapter`` writes for it). Options this library does not implement
-    (``use_dora``, ``lora_bias``, ``modules_to_save``, ...) are refused by name.
+    (``use_dora``, ``lora_bias``, ``modules_to_save``, ...) are refused by name. On a patched model sharded
+    with FSDP2 (call it on every rank) each rank copies its slice of each tensor.
     """
     path = Path(path)
     config = _read_config(path)
@@ -295,8 +300,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         updates[module] = _to_layer(path, module, layer, pair["A"], pair["B"], scaling[module])
     with torch.no_grad():
         for module, (A, B) in updates.items():
-            named[module].lora_A.copy_(A)
-            named[module].lora_B.copy_(B)
+            named[module].lora_A.copy_(shard_like(A, named[module].lora_A))
+            named[module].lora_B.copy_(shard_like(B, named[module].lora_B))
             if named[module].merged:
                 named[module].merge()
 
