@@ -3,6 +3,7 @@
     python examples/train_phi3.py                    # embedded tiny Phi-3 + examples/data, ~1 min on 2 CPU cores
     python examples/train_phi3.py --model Phi-3-mini-4k-instruct --data train.jsonl --eval-data test.jsonl
     torchrun --nproc_per_node 2 examples/train_phi3.py ...            # DDP: gloo on CPU, nccl on GPU
+    torchrun --nproc_per_node 2 examples/train_phi3.py ... --fsdp     # FSDP2: each process holds 1/N of the model
     python examples/train_phi3.py --resume runs/phi3-lora/checkpoints/step-000100
 
 Only the LoRA adapters train (AdamW, warmup + cosine, accumulation, clipping); the loss covers assistant
@@ -57,7 +58,10 @@ from lora.phi3.chat import (
     template_from_checkpoint,
 )
 from lora.phi3.data import Example, collate, encode_conversations, pack_examples, read_conversations, step_indices
+from lora.phi3.fsdp import from_pretrained_sharded, root_unsharded
+from lora.phi3.patch import PatchSummary
 from lora.phi3.tokenizer import ByteTokenizer, load_tokenizer
+from lora.sharding import full_tensor
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -100,6 +104,7 @@ training_config: dict[str, Any] = {
     "sample_max_new_tokens": 64,
     "merge": False,
     "progress": True,
+    "fsdp": False,
 }
 peft_config: dict[str, Any] = {
     "r": 16,
@@ -185,6 +190,8 @@ HELP = {
     "sample_max_new_tokens": "length limit of the sample generation",
     "merge": "also write a merged checkpoint (base + adapters) to output_dir/merged",
     "progress": "show a tqdm progress bar (when tqdm is installed); else log lines",
+    "fsdp": "under torchrun: shard the base and the adapters across the processes with FSDP2 (each holds 1/N) "
+            "instead of replicating them with DDP",
     "r": "LoRA rank",
     "lora_alpha": "LoRA alpha: the update is (alpha / r) * B @ A",
     "lora_dropout": "dropout on the adapters' input",
@@ -385,6 +392,9 @@ def check_config(config: dict[str, Any]) -> None:
         if config[key] not in choices:
             raise ValueError(f"{option_name(key)} must be one of {', '.join(choices)}, got {config[key]!r}")
     check_device(config["device"])
+    if config["fsdp"] and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards the model across processes: run the script under torchrun with two or more "
+                         "(torchrun --nproc_per_node N examples/train_phi3.py ... --fsdp)")
     if Path(config["output_dir"]).resolve() == Path(config["model"] or EMBEDDED_DIR).resolve():
         raise ValueError("--output-dir must differ from --model: the base checkpoint would be overwritten")
 
@@ -464,8 +474,31 @@ def load_model(path: Path, dtype: str, device: torch.device) -> Phi3ForCausalLM:
         raise ValueError(f"--model {path}: not a loadable Phi-3 checkpoint: {err}") from err
 
 
+def patch_model(model: Phi3ForCausalLM, config: dict[str, Any]) -> PatchSummary:
+    """LoRA on the configured targets (`all-linear`: the four projections); only the adapters train."""
+    targets = config["target_modules"]
+    targets = DEFAULT_TARGETS if targets in ("all-linear", ["all-linear"]) else tuple(targets)
+    return patch(model, r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+                 targets=targets, use_rslora=config["use_rslora"])
+
+
+def load_sharded_model(path: Path, config: dict[str, Any],
+                       device: torch.device) -> tuple[Phi3ForCausalLM, PatchSummary]:
+    """The patched model sharded with FSDP2, each rank reading only its rows (see lora.phi3.fsdp)."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {path}: no config.json; expected a Phi-3 checkpoint directory")
+    summary = []
+    try:
+        model = from_pretrained_sharded(path, dtype=None if config["dtype"] == "auto" else config["dtype"],
+                                        device=device, prepare=lambda m: summary.append(patch_model(m, config)))
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"--model {path}: not a loadable Phi-3 checkpoint: {err}") from err
+    return model, summary[0]
+
+
 class SummedLoss(nn.Module):
-    """The model's summed next-token loss on a batch, as a module's forward so DDP can wrap it."""
+    """The model's summed next-token loss on a batch, as a module's forward so DDP can wrap it (under FSDP2
+    `loss` itself runs FSDP2's hooks: lora.phi3.fsdp registers it as a forward method)."""
 
     def __init__(self, model: Phi3ForCausalLM) -> None:
         super().__init__()
@@ -511,16 +544,24 @@ def unigram_loss(train: list[Example], evaluation: list[Example], vocab_size: in
 @torch.no_grad()
 def evaluate(model: Phi3ForCausalLM, rows: list[Example], config: dict[str, Any], pad_id: int,
              device: torch.device, rank: int, world: int) -> float:
-    """Mean loss over every assistant token of the eval set (each rank a shard, summed across ranks)."""
+    """Mean loss over every assistant token of the eval set (each rank a shard, summed across ranks).
+
+    Under FSDP every forward is collective, so each rank runs as many batches as rank 0 (whose shard is the
+    largest); a rank out of rows runs its first row again and does not count it.
+    """
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     shard = rows[rank::world]
     size = config["per_device_eval_batch_size"]
-    for start in range(0, len(shard), size):
-        batch = collate(shard[start : start + size], pad_id).to(device)
-        total[0] += model.loss(batch.input_ids, batch.labels, position_ids=batch.position_ids,
-                               packed=batch.position_ids is not None, reduction="sum").double()
-        total[1] += batch.num_targets
+    batches = math.ceil(len(rows[0::world] if config["fsdp"] else shard) / size)
+    for k in range(batches):
+        part, weight = shard[k * size : (k + 1) * size], 1
+        if not part:
+            part, weight = rows[:1], 0
+        batch = collate(part, pad_id).to(device)
+        total[0] += weight * model.loss(batch.input_ids, batch.labels, position_ids=batch.position_ids,
+                                        packed=batch.position_ids is not None, reduction="sum").double()
+        total[1] += weight * batch.num_targets
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -532,8 +573,9 @@ def sample_answer(model: Phi3ForCausalLM, tokenizer: Any, template: ChatTemplate
     """Greedy answer to `sample_prompt` (KV cache; stops on Phi-3's stop tokens)."""
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": config["sample_prompt"]}], template)
     ids = torch.tensor([prompt], device=device)
-    out = generate(model, ids, max_new_tokens=config["sample_max_new_tokens"],
-                   stop_token_ids=stop_token_ids(tokenizer))
+    with root_unsharded(model):  # under FSDP every rank decodes the same answer
+        out = generate(model, ids, max_new_tokens=config["sample_max_new_tokens"],
+                       stop_token_ids=stop_token_ids(tokenizer))
     model.train()
     return tokenizer.decode(out[0, len(prompt):].tolist(), skip_special_tokens=True).strip()
 
@@ -610,14 +652,29 @@ def data_identity(path: str) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, step: int, total_steps: int, model: Phi3ForCausalLM,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    config: dict[str, Any], data: dict[str, Any]) -> None:
+                    config: dict[str, Any], data: dict[str, Any], rank: int) -> None:
     """Adapter (our format), optimizer, scheduler, RNG states, step, plan, data identity and config at `path`;
-    the directory is replaced as a whole (lora.atomic.atomic_directory)."""
+    the directory is replaced as a whole (lora.atomic.atomic_directory).
+
+    Under FSDP every rank calls it: the adapters and the optimizer state are gathered whole (the optimizer's
+    keyed by parameter name, torch.distributed.checkpoint's full state dict, so any world size can resume)
+    and rank 0 writes.
+    """
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"step": step, "total_steps": total_steps, "optimizer": optimizer.state_dict(),
+    if config["fsdp"]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optimizer_state = optimizer.state_dict()
+    state = {"step": step, "total_steps": total_steps, "optimizer": optimizer_state,
              "scheduler": scheduler.state_dict(), "rng": rng, "data": data}
+    if rank != 0:  # FSDP: the adapters' gather; rank 0 writes
+        lora.save_adapter(model, path / "adapter.safetensors")
+        return
     with atomic_directory(path) as tmp:
         lora.save_adapter(model, tmp / "adapter.safetensors")
         torch.save(state, tmp / "trainer_state.pt")
@@ -635,8 +692,11 @@ def prune_checkpoints(ours: list[Path], limit: int, keep: Path | None) -> list[P
 
 
 def load_checkpoint(path: Path, model: Phi3ForCausalLM, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    """Restore what `save_checkpoint` wrote (no pickle: `weights_only=True`); returns the trainer state."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, *, sharded: bool) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote (no pickle: `weights_only=True`); returns the trainer state.
+
+    `sharded` (FSDP): every rank reads the whole files and keeps its slice of the adapters and optimizer state.
+    """
     lora.load_adapter(model, path / "adapter.safetensors")
     try:
         state = torch.load(path / "trainer_state.pt", weights_only=True)
@@ -645,7 +705,12 @@ def load_checkpoint(path: Path, model: Phi3ForCausalLM, optimizer: torch.optim.O
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
         raise ValueError(f"--resume {path / 'trainer_state.pt'}: not a trainer state written by this script")
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -728,7 +793,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Model and tokenizer; everything is checked before the first step.
     model_dir = Path(config["model"]) if config["model"] else embedded_model_dir()
-    model = load_model(model_dir, config["dtype"], device)
+    if config["fsdp"]:
+        model, summary = load_sharded_model(model_dir, config, device)
+    else:
+        model = load_model(model_dir, config["dtype"], device)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"--model {model_dir}: tokenizer has {tokenizer.vocab_size} ids, the model "
@@ -739,9 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.token_to_id("<unk>")
     if pad_id is None or pad_id in stop_token_ids(tokenizer):
         raise ValueError(f"--model {model_dir}: the tokenizer has no <unk> to pad with, distinct from the stop tokens")
-    log.info("model %s (%s, %s), tokenizer %d ids, chat template %s, %d process(es) on %s", model_dir,
+    log.info("model %s (%s, %s), tokenizer %d ids, chat template %s, %d process(es) on %s%s", model_dir,
              "embedded" if config["model"] is None else "checkpoint", model.lm_head.weight.dtype,
-             tokenizer.vocab_size, template.name, world, device)
+             tokenizer.vocab_size, template.name, world, device, ", sharded with FSDP2" if config["fsdp"] else "")
 
     train_rows = load_rows(config["data"], tokenizer, template, config, "train")
     eval_rows = load_rows(config["eval_data"], tokenizer, template, config, "eval")
@@ -756,11 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{global_batch} (batch x accumulation x processes)")
     total_steps = (config["max_steps"] if config["max_steps"] > 0
                    else math.ceil(config["num_train_epochs"] * steps_per_epoch))
-    targets = config["target_modules"]
-    targets = DEFAULT_TARGETS if targets in ("all-linear", ["all-linear"]) else tuple(targets)
-
-    summary = patch(model, r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                    targets=targets, use_rslora=config["use_rslora"])
+    if not config["fsdp"]:
+        summary = patch_model(model, config)
     log.info("LoRA:\n%s", summary)
     model.gradient_checkpointing = config["gradient_checkpointing"]
     model.train()
@@ -772,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     data = data_identity(config["data"]) if rank == 0 else {}
     start = 0
     if checkpoint:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, sharded=config["fsdp"])
         start = state["step"]
         if start >= total_steps:
             raise ValueError(f"--resume {checkpoint}: already at step {start} of {total_steps}; a larger "
@@ -792,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                      "%s decay; lr %.3g at step %d", total_steps, planned, warmup, config["lr_scheduler_type"],
                      optimizer.param_groups[0]["lr"], start + 1)
     trainer: nn.Module = SummedLoss(model)
-    if world > 1:
+    if world > 1 and not config["fsdp"]:
         trainer = DistributedDataParallel(trainer, device_ids=[device] if device.type == "cuda" else None)
 
     work = in_place or out  # where this run writes; only rank 0 writes
@@ -819,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     # Eval before training (its RNG use is forked off, so it never changes the training stream).
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         loss_before = evaluate(model, eval_rows, config, pad_id, device, rank, world)
-        sample_before = sample_answer(model, tokenizer, template, config, device) if rank == 0 else ""
+        sample_before = sample_answer(model, tokenizer, template, config, device) if rank == 0 or config["fsdp"] else ""
     unigram = unigram_loss(train_rows, eval_rows, tokenizer.vocab_size)
     log.info("eval loss %.4f (perplexity %.2f); unigram loss of assistant tokens %.4f; sample: %r",
              loss_before, math.exp(loss_before), unigram, sample_before)
@@ -860,14 +925,16 @@ def main(argv: list[str] | None = None) -> int:
             for k, batch in enumerate(micro):
                 batch = batch.to(device)
                 sync = k == len(micro) - 1 or world == 1
-                with nullcontext() if sync else trainer.no_sync():
+                if config["fsdp"]:  # FSDP2 reduce-scatters the gradients of the last micro-batch only
+                    model.set_requires_gradient_sync(sync)
+                with nullcontext() if sync or config["fsdp"] else trainer.no_sync():
                     loss = trainer(batch.input_ids, batch.labels, batch.position_ids)
                     (loss * scale).backward()
                 step_loss += loss.detach().double()
             if world > 1:
                 dist.all_reduce(step_loss)
             step_loss = float(step_loss) / max(float(counts[0]), 1.0)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
+            grad_norm = (full_tensor(torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"]))
                          if config["max_grad_norm"] > 0 else torch.zeros(()))
             if not math.isfinite(step_loss) or not math.isfinite(float(grad_norm)):
                 raise NonFiniteLoss(f"step {step + 1}: loss {step_loss}, gradient norm {float(grad_norm)}")
@@ -893,7 +960,8 @@ def main(argv: list[str] | None = None) -> int:
             if evaluated:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     loss_after = evaluate(model, eval_rows, config, pad_id, device, rank, world)
-                    sample = sample_answer(model, tokenizer, template, config, device) if rank == 0 else ""
+                    sample = (sample_answer(model, tokenizer, template, config, device)
+                              if rank == 0 or config["fsdp"] else "")
                 if not math.isfinite(loss_after):
                     raise NonFiniteLoss(f"step {done}: eval loss {loss_after}")
                 log.info("step %d: eval loss %.4f (perplexity %.2f); sample: %r", done, loss_after,
@@ -901,9 +969,9 @@ def main(argv: list[str] | None = None) -> int:
                 if rank == 0:
                     metrics.write({"step": done, "eval_loss": loss_after, "eval_ppl": math.exp(loss_after),
                                    "sample": sample})
-            if rank == 0 and (done % config["save_steps"] == 0 or done == total_steps):
+            if (rank == 0 or config["fsdp"]) and (done % config["save_steps"] == 0 or done == total_steps):
                 saved = work / "checkpoints" / f"step-{done:06d}"
-                save_checkpoint(saved, done, total_steps, model, optimizer, scheduler, config, data)
+                save_checkpoint(saved, done, total_steps, model, optimizer, scheduler, config, data, rank)
                 last_good, pending = (saved, None) if evaluated else (last_good, saved)
                 ours = prune_checkpoints([*ours, saved], config["save_total_limit"], keep=last_good)
     except NonFiniteLoss as err:
@@ -920,8 +988,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if world > 1:
         check_replicas_agree(model, rank, world)
+    if rank != 0 and config["fsdp"]:  # take part in gathering the adapters that rank 0 writes
+        lora.save_adapter(model, work / "adapter.safetensors")
+        save_peft_adapter(model, work / "adapter-peft")
     if rank == 0:
-        written = write_outputs(work, model, config, metrics, last_good)
+        written = write_outputs(work, model, model_dir, config, metrics, last_good)
         write_config(work / "train_config.json", config)
         # Now complete: what is left of an earlier trajectory goes, and a replacement takes output_dir's place.
         metrics.finish()
@@ -941,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
         change = 100.0 * (loss_after - loss_before) / loss_before
         print(f"eval loss: {loss_before:.4f} -> {loss_after:.4f} ({change:+.1f}%)", flush=True)
     if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's writes: no process group torn down under it
         dist.destroy_process_group()
     return 0
 
@@ -956,10 +1028,11 @@ def check_replicas_agree(model: Phi3ForCausalLM, rank: int, world: int) -> None:
     (log.info if rank == 0 else log.warning)("rank %d of %d: adapters identical to rank 0's", rank, world)
 
 
-def write_outputs(work: Path, model: Phi3ForCausalLM, config: dict[str, Any], metrics: Metrics,
+def write_outputs(work: Path, model: Phi3ForCausalLM, model_dir: Path, config: dict[str, Any], metrics: Metrics,
                   checkpoint: Path | None) -> list[tuple[str, Path | None, str]]:
     """The final adapter in our format and PEFT's, the loss plot, the merged model (each replaced as a whole);
-    (what, path relative to `work`, note) for each."""
+    (what, path relative to `work`, note) for each. Under FSDP the merge is of the adapter file just written
+    into the base loaded whole in this process (rank 0), not of a gathered model."""
     lora.save_adapter(model, work / "adapter.safetensors")
     save_peft_adapter(model, work / "adapter-peft")
     if checkpoint is not None and checkpoint.resolve().is_relative_to(work.resolve()):
@@ -971,6 +1044,10 @@ def write_outputs(work: Path, model: Phi3ForCausalLM, config: dict[str, Any], me
         written.append(("loss curve", Path("loss.png"), ""))
     if config["merge"]:
         # merge_and_save copies the base's tokenizer files (byte_tokenizer.json for the embedded model).
+        if config["fsdp"]:
+            model = load_model(model_dir, config["dtype"], torch.device("cpu"))
+            patch_model(model, config)
+            lora.load_adapter(model, work / "adapter.safetensors")
         difference = merge_and_save(model, work / "merged", overwrite=True)
         written.append(("merged checkpoint", Path("merged"), f" (max |logit difference| {difference:.1e})"))
     return written

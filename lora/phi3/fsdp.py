@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,8 +35,9 @@ from torch import nn
 from lora.layers import LoRALayer
 from lora.phi3.checkpoint import plan_checkpoint
 from lora.phi3.model import Phi3ForCausalLM
+from lora.sharding import is_sharded
 
-__all__ = ["from_pretrained_sharded", "local_rows"]
+__all__ = ["from_pretrained_sharded", "local_rows", "root_unsharded"]
 
 
 def local_rows(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -108,3 +110,18 @@ def from_pretrained_sharded(
                                          stride=param.stride())
     model.load_state_dict(state, strict=False, assign=True)
     return model
+
+
+@contextmanager
+def root_unsharded(model: nn.Module) -> Iterator[None]:
+    """The root's own parameters (embedding, final norm, lm_head) whole inside the block, for code that uses them
+    without calling `forward` or `loss` (`lora.phi3.generate`); the decoder layers gather theirs as they run.
+    On an unsharded model it does nothing. Every rank must enter it and run the same computation."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
