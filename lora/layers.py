@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowrank import autocast_enabled, lowrank_linear, no_autocast
+from . import lowrank
+from .lowrank import autocast_enabled, compute_dtype, dropout_positions, lowrank_linear, no_autocast
 
 __all__ = [
     "LoRALayer",
@@ -111,6 +112,7 @@ class LoRALayer:
         self.merge_weights = merge_weights
         self.merged = False
         self.adapters_disabled = False
+        self.use_dora = False  # Linear and MergedLinear set it, with a lora_magnitude
         self.register_buffer("merged_weight", None, persistent=False)
 
     # -- the delta, defined once per layer type ---------------------------------------------------
@@ -203,6 +205,8 @@ class LoRALayer:
             text += f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={p}"
             if self.use_rslora:
                 text += ", use_rslora=True"
+            if self.use_dora:
+                text += ", use_dora=True"
         return text
 
 
@@ -213,7 +217,7 @@ def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
     for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
         if not isinstance(module, LoRALayer):
             continue
-        for param_name in ("lora_A", "lora_B"):
+        for param_name in ("lora_A", "lora_B", "lora_magnitude"):
             param = module._parameters.get(param_name)
             key = f"{name}.{param_name}" if name else param_name
             if param is not None and key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
@@ -314,6 +318,12 @@ def _check_weight_layout(module: nn.Linear, fan_in_fan_out: bool) -> None:
         )
 
 
+def _check_dora(r: int, use_dora: Any) -> None:
+    check_flags(use_dora=use_dora)
+    if use_dora and r == 0:
+        raise ValueError("use_dora=True needs an adapter (r > 0): DoRA rescales the rows of W + scaling * B @ A")
+
+
 def _init_adapters(layer: LoRALayer, a_shape: Sequence[int], b_shape: Sequence[int], dtype: torch.dtype) -> None:
     if 0 in (*a_shape, *b_shape):
         sizes = ", ".join(f"{name}={getattr(layer, name)}" for name in (
@@ -348,11 +358,13 @@ class Linear(LoRALayer, nn.Linear):
         merge_weights: bool = True,
         *,
         use_rslora: bool = False,
+        use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
+        _check_dora(r, use_dora)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -361,6 +373,8 @@ class Linear(LoRALayer, nn.Linear):
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.t()
+        if use_dora:
+            self._enable_dora()
 
     @classmethod
     def from_module(
@@ -373,6 +387,7 @@ class Linear(LoRALayer, nn.Linear):
         fan_in_fan_out: bool = False,
         merge_weights: bool = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> Linear:
         """Wrap ``module`` without copying: the layer shares its ``weight`` and ``bias`` Parameters.
@@ -388,12 +403,15 @@ class Linear(LoRALayer, nn.Linear):
         if not isinstance(module, nn.Linear):
             raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
         _check_weight_layout(module, fan_in_fan_out)
+        _check_dora(r, use_dora)
         layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
         if r > 0:
             in_features, out_features = layer.in_features, layer.out_features
             _init_adapters(layer, (r, in_features), (out_features, r), _adapter_dtype(layer.weight, adapter_dtype))
             layer.reset_lora_parameters()
+        if use_dora:
+            layer._enable_dora()
         return layer
 
     def reset_parameters(self) -> None:
@@ -401,30 +419,120 @@ class Linear(LoRALayer, nn.Linear):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
-        """A as ``nn.Linear`` initialises its weight, B zero: the layer starts as the base."""
+        """A as ``nn.Linear`` initialises its weight, B zero (and DoRA's magnitude the row norms of W): the
+        layer starts as the base."""
         if self._parameters.get("lora_A") is not None:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+        if self._parameters.get("lora_magnitude") is not None:
+            self.init_dora_magnitude()
 
     def _slices(self) -> tuple[tuple[int, int], ...]:
         return ((0, self.out_features),)
 
-    def _delta_weight(self) -> torch.Tensor:
+    def _weight_out_in(self) -> torch.Tensor:
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def _lora_delta(self) -> torch.Tensor:
+        # scaling * B_j @ A_j in each slice's rows, (out, in), in float32 (float64 for a float64 weight)
         (A, B), r = self._delta_factors(), self.r
         delta = torch.zeros(self.out_features, self.in_features, device=self.weight.device, dtype=A.dtype)
         row = 0
         for j, (offset, size) in enumerate(self._slices()):
             delta[offset : offset + size] = B[row : row + size] @ A[j * r : (j + 1) * r]
             row += size
-        delta *= self.scaling
+        return delta.mul_(self.scaling)
+
+    def _dora_weight(self) -> torch.Tensor:
+        # W' = m / n * (W + delta) on the adapted rows, W elsewhere; (out, in), in the delta's dtype
+        delta = self._lora_delta()
+        merged = self._weight_out_in().to(delta.dtype).clone()
+        scale = (self.lora_magnitude.to(delta.dtype) / self.dora_norm().to(delta.dtype)).detach()
+        row = 0
+        for offset, size in self._slices():
+            rows = slice(offset, offset + size)
+            merged[rows] = scale[row : row + size, None] * (merged[rows] + delta[rows])
+            row += size
+        return merged
+
+    def _delta_weight(self) -> torch.Tensor:
+        if self.use_dora:  # W' - W
+            delta = self._dora_weight() - self._weight_out_in().to(self._delta_factors()[0].dtype)
+        else:
+            delta = self._lora_delta()
         return delta.t() if self.fan_in_fan_out else delta
+
+    def merged_weight_tensor(self) -> torch.Tensor:
+        """The merged weight: ``W + delta``, or DoRA's ``m / n * (W + delta)`` on the adapted rows, computed in
+        float32 and returned in the weight's dtype."""
+        if not (self.use_dora and self.has_lora):
+            return super().merged_weight_tensor()
+        with torch.no_grad(), no_autocast(self.weight.device):
+            merged = self._dora_weight().to(self.weight.dtype)
+            return merged.t() if self.fan_in_fan_out else merged
+
+    # -- DoRA ---------------------------------------------------------------------------------------
+
+    def _enable_dora(self) -> None:
+        rows = sum(size for _, size in self._slices())
+        self.lora_magnitude = nn.Parameter(torch.zeros(rows, device=self.weight.device, dtype=self.lora_A.dtype))
+        self.use_dora = True
+        if not self.weight.is_meta:
+            self.init_dora_magnitude()
+
+    def init_dora_magnitude(self) -> None:
+        """Set DoRA's magnitude to the current row norms of ``W + scaling * B @ A`` (so ``m / n = 1``).
+
+        The constructors and ``reset_lora_parameters`` call it; call it yourself after loading a base weight
+        into a layer built on the meta device (unless the adapter file you load holds the magnitude).
+        """
+        with torch.no_grad():
+            self.lora_magnitude.copy_(self.dora_norm())
+
+    def _weight_row_squares(self) -> torch.Tensor:
+        # ||W_i||^2 of every row in float32, kept while the frozen weight is the same tensor, unmodified.
+        weight = self._weight_out_in()
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device)
+        cached = self.__dict__.get("_dora_row_squares")
+        if cached is None or cached[0] != key:
+            wide = torch.promote_types(weight.dtype, torch.float32)
+            squares = torch.cat([chunk.to(wide).square().sum(1) for chunk in weight.detach().split(4096)])
+            cached = self.__dict__["_dora_row_squares"] = (key, squares)
+        return cached[1]
+
+    def dora_norm(self) -> torch.Tensor:
+        """DoRA's ``n``: the row norms of ``W + scaling * B @ A`` for the adapted rows, detached, in float32.
+
+        Computed in low rank, never building ``B @ A``: ``n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i +
+        s^2 B_i (A A^T) B_i^T``, with ``||W_i||^2`` kept while the frozen weight is unchanged, ``W A^T`` an (out, r)
+        product in the weight's dtype and the rest in float32.
+        """
+        with torch.no_grad(), no_autocast(self.weight.device):
+            weight, squares = self._weight_out_in(), self._weight_row_squares()
+            (A, B), r, s = self._delta_factors(), self.r, self.scaling
+            parts, row = [], 0
+            for j, (offset, size) in enumerate(self._slices()):
+                A_j, B_j = A[j * r : (j + 1) * r], B[row : row + size]
+                WA = (weight[offset : offset + size] @ A_j.t().to(weight.dtype)).to(A.dtype)  # (size, r)
+                quadratic = ((B_j @ (A_j @ A_j.t())) * B_j).sum(1)
+                parts.append(squares[offset : offset + size].to(A.dtype) + 2 * s * (WA * B_j).sum(1)
+                             + s * s * quadratic)
+                row += size
+            return torch.cat(parts).clamp_min_(0).sqrt_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not self._uses_lora_path():
             weight = self._effective_weight()
             return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
-        if type(self.lora_dropout) not in (nn.Dropout, nn.Identity):
+        custom_dropout = type(self.lora_dropout) not in (nn.Dropout, nn.Identity)
+        p = self._lora_dropout_p()
+        col_scale = None
+        if self.use_dora:
+            col_scale = self.lora_magnitude / self.dora_norm()  # m / n, n detached (DoRA, section 4.3)
+            if custom_dropout or p > 0.0:
+                return self._dora_with_dropout(x, col_scale)
+        elif custom_dropout:
             return self._forward_reference(x)
         return lowrank_linear(
             x,
@@ -433,10 +541,46 @@ class Linear(LoRALayer, nn.Linear):
             self.lora_A,
             self.lora_B,
             self.scaling,
-            p=self._lora_dropout_p(),
+            p=p,
             slices=self._slices(),
             fan_in_fan_out=self.fan_in_fan_out,
+            col_scale=col_scale,
         )
+
+    def _dora_with_dropout(self, x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA with dropout, in plain autograd: ``W x + b + (c - 1) W drop(x) + c s B A drop(x)`` per
+        adapted column, ``c = m / n``. The frozen GEMM runs twice (on ``x`` and on ``drop(x)``), as in PEFT.
+
+        ``nn.Dropout`` drops the elements the hand-written path would (positions from one seed of torch's
+        default generator), so the two paths draw alike.
+        """
+        dtype = compute_dtype(x)
+        with no_autocast(x.device):
+            x = x.to(dtype)
+            weight = self._weight_out_in().to(dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            if isinstance(self.lora_dropout, nn.Dropout):
+                p = self._lora_dropout_p()
+                dropped = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+                dropped.view(-1)[dropout_positions(lowrank.new_seed(), x.numel(), p, x.device)] = True
+                x_drop = x.masked_fill(dropped, 0) * (1.0 / (1.0 - p))
+            else:
+                x_drop = self.lora_dropout(x)
+            base, on_dropped = F.linear(x, weight, bias), F.linear(x_drop, weight)
+            xa = x_drop @ self.lora_A.to(dtype).t()
+            scale = col_scale.to(dtype)
+            r, out = self.r, self.out_features
+            pieces, last, row = [], 0, 0
+            for j, (offset, size) in enumerate(self._slices()):
+                if offset > last:
+                    pieces.append(base[..., last:offset])
+                cols, c = slice(offset, offset + size), scale[row : row + size]
+                lora = xa[..., j * r : (j + 1) * r] @ self.lora_B[row : row + size].to(dtype).t()
+                pieces.append(base[..., cols] + (c - 1) * on_dropped[..., cols] + c * self.scaling * lora)
+                last, row = offset + size, row + size
+            if last < out:
+                pieces.append(base[..., last:out])
+            return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
     def _check_input(self, x: torch.Tensor) -> None:
         # What F.linear would reject anyway, said in the layer's terms (torch's message names lora_A's shape).
@@ -448,6 +592,9 @@ class Linear(LoRALayer, nn.Linear):
             raise RuntimeError(f"{name}: the weight is on the meta device (shape {tuple(self.weight.shape)}, no "
                                "values): materialise it before forward, e.g. model.to_empty(device='cpu') and "
                                "load_state_dict, or load the model with lora.phi3.from_pretrained")
+        if self.use_dora and self.lora_magnitude.is_meta and not x.is_meta:
+            raise RuntimeError(f"{name}: DoRA's lora_magnitude is on the meta device: load it (an adapter file) "
+                               "or call layer.init_dora_magnitude() once the base weight is loaded")
         if x.dtype != self.weight.dtype and not autocast_enabled(x.device):
             raise TypeError(f"{name}: the input is {x.dtype} but the weight is {self.weight.dtype}; cast the input "
                             f"(x.to({self.weight.dtype})) or run under torch.autocast")
@@ -496,12 +643,14 @@ class MergedLinear(Linear):
         *,
         split_sizes: Sequence[int] | None = None,
         use_rslora: bool = False,
+        use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
         check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
+        _check_dora(r, use_dora)
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
@@ -512,6 +661,8 @@ class MergedLinear(Linear):
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.t()
+        if use_dora:
+            self._enable_dora()
 
     @classmethod
     def from_module(  # type: ignore[override]
@@ -526,6 +677,7 @@ class MergedLinear(Linear):
         fan_in_fan_out: bool = False,
         merge_weights: bool = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> MergedLinear:
         """Wrap a fused ``nn.Linear`` without copying; ``split_sizes`` are its output slices.
@@ -544,6 +696,7 @@ class MergedLinear(Linear):
         if enable_lora is None:
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
+        _check_dora(r, use_dora)
         layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
         layer.enable_lora = enable_lora
@@ -551,6 +704,8 @@ class MergedLinear(Linear):
         if r > 0:
             layer._init_slices(adapter_dtype)
             layer.reset_lora_parameters()
+        if use_dora:
+            layer._enable_dora()
         return layer
 
     @staticmethod

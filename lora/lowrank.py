@@ -38,7 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "no_autocast"]
+__all__ = ["autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "new_seed", "no_autocast"]
 
 
 def dropout_positions(seed: int, numel: int, p: float, device: torch.device) -> torch.Tensor:
@@ -123,7 +123,7 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]
     return contextlib.nullcontext()
 
 
-def _new_seed() -> int:
+def new_seed() -> int:
     # Drawn from torch's default CPU generator, so torch.manual_seed makes runs repeatable and
     # torch.utils.checkpoint (which restores that generator) replays the same mask.
     return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
@@ -134,10 +134,10 @@ class _LowRankLinear(torch.autograd.Function):
     # autocast off, since the dtypes below are chosen by hand.
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None):
         with no_autocast(x.device):
             return _LowRankLinear._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices,
-                                           fan_in_fan_out)
+                                           fan_in_fan_out, col_scale)
 
     @staticmethod
     def backward(ctx, dy):
@@ -145,8 +145,9 @@ class _LowRankLinear(torch.autograd.Function):
             return _LowRankLinear._backward(ctx, dy)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out):
-        # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order
+    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale):
+        # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order;
+        # col_scale: DoRA's m / n for those columns (in B's row order), or None
         dtype = x.dtype
         wide = torch.promote_types(dtype, torch.float32)
         A = lora_A.to(dtype)
@@ -169,13 +170,14 @@ class _LowRankLinear(torch.autograd.Function):
         # every column and there is no bias, the first write ignores y's contents (beta = 0), so y needs no
         # initialisation.
         n, out = x.shape[0], weight.shape[1 if fan_in_fan_out else 0]
-        covered = bias is None and sum(size for _, size in slices) == out
+        first_bias = None if col_scale is not None else bias  # DoRA scales W x + s B A x, not the bias
+        covered = first_bias is None and sum(size for _, size in slices) == out
         if covered:
             y = torch.empty(n, out, dtype=dtype, device=x.device)
-        elif bias is None:
+        elif first_bias is None:
             y = torch.zeros(n, out, dtype=dtype, device=x.device)
         else:
-            y = torch.empty(n, out, dtype=dtype, device=x.device).copy_(bias)
+            y = torch.empty(n, out, dtype=dtype, device=x.device).copy_(first_bias)
         beta = 0.0 if covered else 1.0
         r = A.shape[0] // len(slices)
         row = 0
@@ -184,17 +186,32 @@ class _LowRankLinear(torch.autograd.Function):
                                                 alpha=scaling)
             row += size
         y.addmm_(x, weight if fan_in_fan_out else weight.t())
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, positions)
+        unscaled = None
+        if col_scale is not None:
+            # DoRA: y = c * (W x + s B A x) + b per adapted column. Its gradient for c needs W x + s B A x,
+            # which is (y - b) / c: the output, which the next op usually keeps anyway, is saved instead of
+            # a copy (unless some c is 0, where that division cannot recover it).
+            if bool((col_scale == 0).any()):
+                unscaled = y.clone()
+            _scale_columns(y, col_scale.to(dtype), slices)
+            if bias is not None:
+                y += bias
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, positions, col_scale,
+                              y if col_scale is not None and unscaled is None else unscaled, bias)
         ctx.scaling, ctx.p, ctx.slices, ctx.fan_in_fan_out = scaling, p, slices, fan_in_fan_out
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.saved_unscaled = bias is not None, unscaled is not None
         return y
 
     @staticmethod
     def _backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa, positions = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xa, positions, col_scale, y, bias = ctx.saved_tensors
         scaling, p, slices = ctx.scaling, ctx.p, ctx.slices
         dy = dy.contiguous()
         dtype = dy.dtype
+        dscale = None
+        dy_out = dy  # the bias's gradient, which DoRA does not scale
+        if col_scale is not None:
+            dscale, dy = _dora_backward(dy, y, bias, col_scale, slices, ctx.saved_unscaled)
         # float16's range is too small for dA, dB (sums over every token of a scaled loss): float32 there.
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         A = lora_A.to(dtype)
@@ -241,8 +258,42 @@ class _LowRankLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dweight = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy.sum(0)
-        return dx, dweight, dbias, dA, dB, None, None, None, None, None
+            dbias = dy_out.sum(0)
+        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale
+
+
+def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> None:
+    """Multiply each slice's columns of ``y`` in place by its part of ``scale`` (in the slices' order)."""
+    if len(slices) == 1 and slices[0] == (0, y.shape[1]):
+        y.mul_(scale)
+        return
+    row = 0
+    for offset, size in slices:
+        y[:, offset : offset + size].mul_(scale[row : row + size])
+        row += size
+
+
+def _dora_backward(dy, y, bias, col_scale, slices, y_is_unscaled):
+    """DoRA's gradient for its column scale c, and dy * c (what the LoRA maths below then sees).
+
+    dc = sum over tokens of dy * (W x + s B A x), with W x + s B A x = (y - b) / c from the saved output (or
+    saved as it is where some c is 0), summed in float32 (float64 for float64).
+    """
+    unscaled = y if y_is_unscaled else (y - bias if bias is not None else y)
+    scale, wide = col_scale.to(dy.dtype), torch.promote_types(dy.dtype, torch.float32)
+    dscale = torch.empty(col_scale.shape, dtype=wide, device=dy.device)
+    row = 0
+    for offset, size in slices:
+        cols = slice(offset, offset + size)
+        dscale[row : row + size] = (dy[:, cols] * unscaled[:, cols]).sum(0, dtype=wide)
+        row += size
+    if not y_is_unscaled:
+        dscale /= col_scale.to(wide)
+    if len(slices) == 1 and slices[0] == (0, dy.shape[1]):
+        return dscale.to(col_scale.dtype), dy * scale
+    scaled = dy.clone()
+    _scale_columns(scaled, scale, slices)
+    return dscale.to(col_scale.dtype), scaled
 
 
 def lowrank_linear(
@@ -256,8 +307,13 @@ def lowrank_linear(
     p: float = 0.0,
     slices: tuple[tuple[int, int], ...],
     fan_in_fan_out: bool = False,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + b`` plus ``scaling * (drop(x) @ A_j.T) @ B_j.T`` added to each slice of the output.
+
+    ``col_scale`` (DoRA, without dropout): each adapted output column ``i`` (in ``lora_B``'s row order) is
+    multiplied by ``col_scale[i]`` before the bias is added, ``c * (W x + s B A x) + b``, and gets its
+    gradient.
 
     ``x`` may have any leading dimensions. ``p`` is the dropout rate (0 in eval mode).
     ``slices`` lists ``(offset, size)`` of the adapted output columns; ``lora_A`` stacks one (r, in)
@@ -272,6 +328,10 @@ def lowrank_linear(
     bias = None if bias is None else bias.to(dtype)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    seed = _new_seed() if p > 0.0 else 0
-    y = _LowRankLinear.apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out)
+    seed = new_seed() if p > 0.0 else 0
+    if col_scale is not None and p > 0.0:
+        raise ValueError("lowrank_linear: col_scale (DoRA) is only computed here without dropout (p=0); "
+                         f"got p={p}")
+    y = _LowRankLinear.apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out,
+                             col_scale)
     return y.view(*lead, y.shape[-1])

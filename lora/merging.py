@@ -75,8 +75,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict a plain (LoRA-free) copy of ``model`` would have, with every delta folded in.
 
-    A pure function: ``model`` is not modified. ``lora_A``/``lora_B`` are left out, so the result
-    loads into the original architecture (``nn.Linear`` in place of ``lora.Linear``). This replaces
+    A pure function: ``model`` is not modified. ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``) are left
+    out, so the result loads into the original architecture (``nn.Linear`` in place of ``lora.Linear``). This replaces
     loralib's habit of calling ``model.eval()`` and saving ``model.state_dict()``.
     """
     state = model.state_dict()
@@ -90,4 +90,5 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             merged_weights[id(layer)] = layer.merged_weight_tensor()
         state[prefix + "weight"] = merged_weights[id(layer)]
         del state[prefix + "lora_A"], state[prefix + "lora_B"]
+        state.pop(prefix + "lora_magnitude", None)  # DoRA's, folded into the weight too
     return state

@@ -1,0 +1,241 @@
+"""DoRA on lora.Linear and lora.MergedLinear: PEFT's formula and values, the low-rank norm, the hand-written
+backward against autograd, dropout with the same positions as a reference, exact merge, clear errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora
+import lora.lowrank as lowrank
+from lora.lowrank import dropout_positions
+
+SEED = 4321
+
+
+def randomise(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        layer.lora_magnitude.mul_(0.5 + torch.rand(layer.lora_magnitude.shape, generator=g))
+
+
+def lora_delta(layer):
+    """scaling * B @ A per slice, as an (out, in) matrix."""
+    W = layer.weight.t() if layer.fan_in_fan_out else layer.weight
+    delta = torch.zeros(W.shape, dtype=layer.lora_A.dtype)
+    r, row = layer.r, 0
+    for j, (offset, size) in enumerate(layer._slices()):
+        delta[offset : offset + size] = layer.lora_B[row : row + size] @ layer.lora_A[j * r : (j + 1) * r]
+        row += size
+    return delta * layer.scaling
+
+
+def explicit(layer, x, x_drop):
+    """PEFT's formula written out with the full W + s B A: W x + b + (c - 1) W drop(x) + c s B A drop(x)."""
+    W = layer.weight.t() if layer.fan_in_fan_out else layer.weight
+    delta = lora_delta(layer).to(W.dtype)
+    rows = [i for offset, size in layer._slices() for i in range(offset, offset + size)]
+    norm = torch.linalg.norm(W + delta, dim=1).detach()
+    c = torch.ones(W.shape[0], dtype=W.dtype)
+    c = c.index_put((torch.tensor(rows),), layer.lora_magnitude / norm[rows])
+    return F.linear(x, W, layer.bias) + (c - 1) * F.linear(x_drop, W) + c * F.linear(x_drop, delta)
+
+
+class Holder(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_twin(layer, base, dropout=0.0):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(Holder(copy.deepcopy(base)), peft.LoraConfig(
+        r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=dropout, target_modules=["proj"], use_dora=True))
+    twin = model.base_model.model.proj
+    with torch.no_grad():
+        twin.lora_A["default"].weight.copy_(layer.lora_A)
+        twin.lora_B["default"].weight.copy_(layer.lora_B)
+        twin.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude)
+    return model, twin
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(12, 10), (16, 48)], ids=["linear", "fused-qkv-as-a-whole"])
+def test_equals_peft_dora_without_dropout(shape, bias):
+    torch.manual_seed(0)
+    base = nn.Linear(*shape, bias=bias)
+    layer = lora.Linear.from_module(copy.deepcopy(base), r=3, lora_alpha=6, use_dora=True)
+    randomise(layer)
+    model, twin = peft_twin(layer, base)
+    x = torch.randn(3, 4, shape[0], requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    ours, theirs = layer(x), model(x_twin)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    dy = torch.randn_like(ours)
+    ours.backward(dy)
+    theirs.backward(dy)
+    pairs = [(x.grad, x_twin.grad), (layer.lora_A.grad, twin.lora_A["default"].weight.grad),
+             (layer.lora_B.grad, twin.lora_B["default"].weight.grad),
+             (layer.lora_magnitude.grad, twin.lora_magnitude_vector["default"].weight.grad)]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_magnitude_starts_at_the_row_norms_so_the_layer_starts_as_the_base():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = lora.Linear.from_module(copy.deepcopy(base), r=3, use_dora=True)
+    torch.testing.assert_close(layer.lora_magnitude, torch.linalg.norm(base.weight, dim=1).detach())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+    assert "lora_magnitude" in dict(layer.named_parameters())
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_low_rank_norm_equals_the_norm_of_the_full_matrix(fan_in_fan_out):
+    torch.manual_seed(0)
+    layer = lora.MergedLinear(16, 24, r=4, lora_alpha=8, enable_lora=(True, False, True), split_sizes=(8, 8, 8),
+                              fan_in_fan_out=fan_in_fan_out, use_dora=True)
+    randomise(layer)
+    W = layer.weight.t() if fan_in_fan_out else layer.weight
+    full = torch.linalg.norm(W + lora_delta(layer), dim=1)
+    torch.testing.assert_close(layer.dora_norm(), torch.cat([full[:8], full[16:]]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_hand_written_backward_equals_autograd_in_float64(fused, bias):
+    torch.manual_seed(0)
+    if fused:
+        layer = lora.MergedLinear(6, 9, r=2, lora_alpha=3, enable_lora=(True, False, True), use_dora=True, bias=bias)
+    else:
+        layer = lora.Linear(6, 7, r=2, lora_alpha=3, use_dora=True, bias=bias)
+    layer = layer.double()
+    randomise(layer)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    # n is a constant in backward (DoRA's section 4.3), so only x and m have finite-difference gradients;
+    # A and B are checked against autograd through the explicit formula, which detaches n the same way.
+    assert torch.autograd.gradcheck(lambda *_: layer(x), (x, layer.lora_magnitude))
+    got, want = layer(x), explicit(layer, x, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(got)
+    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude)
+    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_magnitude_row_still_gets_its_gradient():
+    # The backward recovers W x + s B A x from the output divided by m / n; where m is 0 it keeps a copy.
+    torch.manual_seed(0)
+    layer = lora.Linear(6, 4, r=2, use_dora=True).double()
+    randomise(layer)
+    with torch.no_grad():
+        layer.lora_magnitude[1] = 0.0
+    x = torch.randn(5, 6, dtype=torch.float64)
+    layer(x).sum().backward()
+    want = torch.autograd.grad(explicit(layer, x, x).sum(), layer.lora_magnitude)[0]
+    torch.testing.assert_close(layer.lora_magnitude.grad, want)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_with_dropout_equals_the_formula_on_the_same_dropped_elements(monkeypatch, fused):
+    monkeypatch.setattr(lowrank, "new_seed", lambda: SEED)
+    torch.manual_seed(0)
+    p = 0.3
+    if fused:
+        layer = lora.MergedLinear(8, 12, r=2, lora_alpha=4, lora_dropout=p, enable_lora=(False, True, True),
+                                  use_dora=True)
+    else:
+        layer = lora.Linear(8, 6, r=2, lora_alpha=4, lora_dropout=p, use_dora=True)
+    layer = layer.double()
+    randomise(layer)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask.view(-1)[dropout_positions(SEED, x.numel(), p, x.device)] = True
+    got = layer(x)
+    want = explicit(layer, x, x.masked_fill(mask, 0) / (1 - p))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(got)
+    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude)
+    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_with_dropout_has_peft_dora_statistics():
+    # The same values through PEFT (its nn.Dropout) and ours (dropped positions), many draws each.
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = lora.Linear.from_module(copy.deepcopy(base), r=2, lora_alpha=4, lora_dropout=0.4, use_dora=True)
+    randomise(layer)
+    model, _ = peft_twin(layer, base, dropout=0.4)
+    model.train()
+    x = torch.randn(1, 6)
+    with torch.no_grad():
+        ours = torch.stack([layer(x) for _ in range(4000)])
+        theirs = torch.stack([model(x) for _ in range(4000)])
+    spread = theirs.std(0)
+    assert (ours.mean(0) - theirs.mean(0)).abs().max() < 5 * (spread / math.sqrt(4000)).max()
+    torch.testing.assert_close(ours.std(0), spread, rtol=0.08, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_is_the_formula_and_unmerge_restores_the_exact_bits(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 24).to(dtype)
+    layer = lora.MergedLinear.from_module(base, (8, 8, 8), r=2, lora_alpha=4, enable_lora=(True, False, True),
+                                          use_dora=True)
+    randomise(layer)
+    original = layer.weight.detach().clone()
+    x = torch.randn(3, 16, dtype=dtype)
+    unmerged = layer(x)
+    for _ in range(3):
+        layer.eval()
+        merged = layer(x)
+        layer.train()
+    assert torch.equal(layer.weight, original)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(merged.float(), unmerged.float(), rtol=tolerance, atol=tolerance)
+    W = original.float()
+    c = torch.ones(24)
+    c[:8], c[16:] = (layer.lora_magnitude / layer.dora_norm()).detach().split(8)
+    expected = c[:, None] * (W + lora_delta(layer))
+    torch.testing.assert_close(layer.merged_weight_tensor().float(), expected.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_under_autocast_dora_computes_in_autocasts_dtype_with_float32_magnitude():
+    torch.manual_seed(0)
+    layer = lora.Linear(12, 10, r=3, use_dora=True)
+    randomise(layer)
+    x = torch.randn(4, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_magnitude.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), explicit(layer, x, x).detach(), rtol=3e-2, atol=3e-2)
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match=r"^use_dora=True needs an adapter \(r > 0\)"):
+        lora.Linear(4, 4, r=0, use_dora=True)
+    with pytest.raises(TypeError, match=r"^use_dora must be True or False; got 'yes'"):
+        lora.MergedLinear.from_module(nn.Linear(4, 6), (3, 3), r=2, use_dora="yes")
+    with torch.device("meta"):
+        base = nn.Linear(4, 4)
+    layer = lora.Linear.from_module(base, r=2, use_dora=True)  # built on meta: no row norms to start from
+    layer.load_state_dict({"weight": torch.eye(4), "bias": torch.zeros(4), "lora_A": torch.ones(2, 4),
+                           "lora_B": torch.zeros(4, 2)}, strict=False, assign=True)
+    with pytest.raises(RuntimeError, match=r"^Linear: DoRA's lora_magnitude is on the meta device: load it"):
+        layer(torch.randn(2, 4))
+    layer.lora_magnitude = nn.Parameter(torch.empty(4))
+    layer.init_dora_magnitude()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(layer(x), x)
