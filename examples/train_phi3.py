@@ -487,12 +487,9 @@ def load_sharded_model(path: Path, config: dict[str, Any],
     """The patched model sharded with FSDP2, each rank reading only its rows (see lora.phi3.fsdp)."""
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json; expected a Phi-3 checkpoint directory")
-    summary = []
-    try:
-        model = from_pretrained_sharded(path, dtype=None if config["dtype"] == "auto" else config["dtype"],
-                                        device=device, prepare=lambda m: summary.append(patch_model(m, config)))
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"--model {path}: not a loadable Phi-3 checkpoint: {err}") from err
+    summary = []  # errors name the file or the layer at fault
+    model = from_pretrained_sharded(path, dtype=None if config["dtype"] == "auto" else config["dtype"],
+                                    device=device, prepare=lambda m: summary.append(patch_model(m, config)))
     return model, summary[0]
 
 
@@ -652,7 +649,7 @@ def data_identity(path: str) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, step: int, total_steps: int, model: Phi3ForCausalLM,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    config: dict[str, Any], data: dict[str, Any], rank: int) -> None:
+                    config: dict[str, Any], data: dict[str, Any], rank: int = 0) -> None:
     """Adapter (our format), optimizer, scheduler, RNG states, step, plan, data identity and config at `path`;
     the directory is replaced as a whole (lora.atomic.atomic_directory).
 

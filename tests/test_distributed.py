@@ -1,4 +1,5 @@
-"""train_phi3.py under torchrun: two CPU processes (gloo) equal one process with the same global batch."""
+"""train_phi3.py under torchrun: two CPU processes (gloo), with DDP and with FSDP2, equal one process with the same
+global batch; an FSDP run resumed from a checkpoint equals the uninterrupted one bit for bit."""
 
 from __future__ import annotations
 
@@ -7,42 +8,97 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_phi3.py"
+sys.path.insert(0, str(ROOT / "examples"))
+import train_phi3  # noqa: E402
+
 COMMON = ["--no-progress", "--lora-r", "4", "--lora-alpha", "8", "--max-steps", "2", "--logging-steps", "1",
           "--per-device-eval-batch-size", "8", "--sample-max-new-tokens", "4", "--max-seq-length", "128",
           "--gradient-accumulation-steps", "2"]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    data = tmp_path / "data.jsonl"
+def torchrun(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path | subprocess.CompletedProcess]:
+    """One process, DDP, FSDP (with gradient checkpointing, a checkpoint per step, --merge) and FSDP resumed."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} * 3?"},
                                                      {"role": "assistant", "content": f"{i} * 3 = {3 * i}."}]}) + "\n"
                             for i in range(16)))
     common = [*COMMON, "--data", data, "--eval-data", data]
-    distributed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), *common,
-         "--per-device-train-batch-size", "2", "--output-dir", tmp_path / "ddp"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert distributed.returncode == 0, distributed.stdout[-3000:] + distributed.stderr[-3000:]
-    # Rank 1 compared its adapters with rank 0's, bit for bit, before rank 0 wrote them.
-    assert "[rank 1] WARNING rank 1 of 2: adapters identical to rank 0's" in distributed.stdout
-    assert "[rank 0] INFO rank 0 of 2: adapters identical to rank 0's" in distributed.stdout
-    single = subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, common), "--per-device-train-batch-size", "4",
-         "--output-dir", tmp_path / "one"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = {"tmp": tmp}
+    result["ddp_log"] = torchrun(*common, "--per-device-train-batch-size", "2", "--output-dir", tmp / "ddp")
+    single = subprocess.run([sys.executable, str(SCRIPT), *map(str, common), "--per-device-train-batch-size", "4",
+                             "--output-dir", tmp / "one"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    result["fsdp_log"] = torchrun(*common, "--per-device-train-batch-size", "2", "--output-dir", tmp / "fsdp", "--fsdp",
+                                  "--gradient-checkpointing", "--save-steps", "1", "--save-total-limit", "2", "--merge")
+    torchrun("--resume", tmp / "fsdp" / "checkpoints" / "step-000001", "--output-dir", tmp / "fsdp-resumed")
+    return result
 
-    ddp, one = load_file(tmp_path / "ddp" / "adapter.safetensors"), load_file(tmp_path / "one" / "adapter.safetensors")
-    assert ddp.keys() == one.keys()
-    assert any(t.abs().max() > 0 for k, t in one.items() if "lora_B" in k)  # the adapters did move
-    for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, key=key: f"{key}: {m}\n--- torchrun's output:\n"
-                                                          f"{distributed.stdout[-2000:]}")
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-               if "loss" in json.loads(line)] for run in ("ddp", "one")]
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+
+def adapters(runs, name: str) -> dict[str, torch.Tensor]:
+    return load_file(runs["tmp"] / name / "adapter.safetensors")
+
+
+def losses(runs, name: str) -> list[float]:
+    records = [json.loads(line) for line in (runs["tmp"] / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def assert_adapters_close(runs, name: str, reference: str, rtol: float, atol: float) -> None:
+    got, want = adapters(runs, name), adapters(runs, reference)
+    assert got.keys() == want.keys()
+    assert any(t.abs().max() > 0 for k, t in want.items() if "lora_B" in k)  # the adapters did move
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol,
+                                   msg=lambda m, key=key: f"{name} vs {reference}, {key}: {m}\n--- torchrun's "
+                                                          f"output:\n{runs[name + '_log'].stdout[-2000:]}")
+    torch.testing.assert_close(losses(runs, name), losses(runs, reference), rtol=1e-5, atol=0)
+
+
+def test_two_gloo_processes_match_one_process(runs):
+    # Rank 1 compared its adapters with rank 0's, bit for bit, before rank 0 wrote them.
+    assert "[rank 1] WARNING rank 1 of 2: adapters identical to rank 0's" in runs["ddp_log"].stdout
+    assert "[rank 0] INFO rank 0 of 2: adapters identical to rank 0's" in runs["ddp_log"].stdout
+    assert_adapters_close(runs, "ddp", "one", rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_matches_one_process_and_ddp(runs):
+    assert "sharded with FSDP2" in runs["fsdp_log"].stdout
+    assert_adapters_close(runs, "fsdp", "one", rtol=1e-4, atol=1e-6)
+    assert_adapters_close(runs, "fsdp", "ddp", rtol=1e-4, atol=1e-6)
+    out = runs["tmp"] / "fsdp"
+    # Everything the single-process run writes, and the merge of the saved adapter file on rank 0.
+    for name in ("adapter-peft/adapter_model.safetensors", "checkpoints/step-000001/trainer_state.pt",
+                 "checkpoints/step-000002/adapter.safetensors", "merged/model.safetensors"):
+        assert (out / name).is_file(), name
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert not any("lora_" in key for key in merged)
+
+
+def test_fsdp_resume_equals_uninterrupted_run_bit_for_bit(runs):
+    resumed, whole = adapters(runs, "fsdp-resumed"), adapters(runs, "fsdp")
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key
+    assert losses(runs, "fsdp-resumed")[-1] == losses(runs, "fsdp")[-1]
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"--fsdp shards the model across processes: run the script under torchrun"):
+        train_phi3.main(["--fsdp", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

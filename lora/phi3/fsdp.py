@@ -85,6 +85,11 @@ def from_pretrained_sharded(
         raise ValueError(f"{path}: tie_word_embeddings is not supported with FSDP (no Phi-3 release ties them)")
     if prepare is not None:
         prepare(model)
+    for name, module in model.named_modules():
+        if getattr(module, "use_dora", False):
+            raise ValueError(f"{name}: DoRA layers cannot be sharded by from_pretrained_sharded (their magnitude "
+                             "starts as the row norms of the whole base weight, which no rank reads); train DoRA "
+                             "with DDP")
     _draw_adapters(model)
     if device.type != "cpu":
         for module in model.modules():

@@ -28,7 +28,7 @@ from torch import nn
 from lora.atomic import atomic_directory
 from lora.layers import Linear, LoRALayer, MergedLinear
 from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs
-from lora.sharding import full_tensor, shard_like, writes_files
+from lora.sharding import full_tensor, is_sharded, shard_like, writes_files
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "peft_tensors"]
 
@@ -277,6 +277,9 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
     named = dict(model.named_modules())
     patched = any(isinstance(m, LoRALayer) for m in model.modules())
+    if not patched and is_sharded(model):
+        raise ValueError(f"{path}: the model is sharded (FSDP2) and not patched; patch it before sharding "
+                         "(lora.phi3.fsdp.from_pretrained_sharded(prepare=...)), then load the adapter")
     if not patched:
         for module in sorted(pairs):
             if type(named.get(module)) is not nn.Linear:
