@@ -140,6 +140,13 @@ class LoRALayer:
     def has_lora(self) -> bool:
         return self._parameters.get("lora_A") is not None
 
+    def adapter_parameter_names(self) -> tuple[str, ...]:
+        """The names of the parameters that train and go into adapter files: ``lora_A``, ``lora_B`` (and DoRA's
+        ``lora_magnitude``); none without an adapter."""
+        if not self.has_lora:
+            return ()
+        return ("lora_A", "lora_B", "lora_magnitude") if self.use_dora else ("lora_A", "lora_B")
+
     def _lora_dropout_p(self) -> float:
         dropout = self.lora_dropout
         return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora.layers import Linear, LoRALayer, MergedLinear, check_hyperparameters, check_lora_shapes_on_load
+from lora.layers import Linear, LoRALayer, MergedLinear, check_flags, check_hyperparameters, check_lora_shapes_on_load
 
 __all__ = ["DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "patch"]
 
@@ -46,6 +46,7 @@ class ModuleSpec:
     use_rslora: bool = False
     split_sizes: tuple[int, ...] | None = None
     enable_lora: tuple[bool, ...] | None = None
+    use_dora: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,11 @@ def plan_modules(
     targets: str | Iterable[str],
     use_rslora: bool,
     layers: Iterable[int] | None,
+    use_dora: bool = False,
 ) -> list[ModuleSpec]:
     """The modules ``patch`` would adapt, checked against the model, without changing anything."""
     check_hyperparameters(r, lora_alpha, lora_dropout)
+    check_flags(use_rslora=use_rslora, use_dora=use_dora)
     if r == 0:
         raise ValueError("r must be at least 1 to patch a model; got 0")
     plan = resolve_targets(targets)
@@ -168,7 +171,7 @@ def plan_modules(
             name = f"model.layers.{index}.{parent}.{module}"
             sizes = split_sizes(model, module) if slices else None
             enable = tuple(s in slices for s in slice_names) if slices else None
-            specs.append(ModuleSpec(name, r, lora_alpha, lora_dropout, use_rslora, sizes, enable))
+            specs.append(ModuleSpec(name, r, lora_alpha, lora_dropout, use_rslora, sizes, enable, use_dora))
     return specs
 
 
@@ -194,7 +197,7 @@ def apply_specs(model: nn.Module, specs: Sequence[ModuleSpec], adapter_dtype: to
     for spec in specs:
         module = modules[spec.name]
         common = dict(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, merge_weights=False,
-                      use_rslora=spec.use_rslora, adapter_dtype=adapter_dtype)
+                      use_rslora=spec.use_rslora, use_dora=spec.use_dora, adapter_dtype=adapter_dtype)
         if spec.split_sizes is None:
             layer: LoRALayer = Linear.from_module(module, **common)
         else:
@@ -206,15 +209,15 @@ def apply_specs(model: nn.Module, specs: Sequence[ModuleSpec], adapter_dtype: to
     rows = []
     for parent, attr, layer in built:
         setattr(parent, attr, layer)
-        layer.lora_A.requires_grad = True
-        layer.lora_B.requires_grad = True
+        for name in layer.adapter_parameter_names():
+            getattr(layer, name).requires_grad = True
     check_lora_shapes_on_load(model)
     for spec, (_, _, layer) in zip(specs, built, strict=True):
         slices = "all"
         if spec.enable_lora is not None:
             names = MODULE_NAMES[spec.name.rsplit(".", 1)[1]][1]
             slices = ",".join(n for n, on in zip(names, spec.enable_lora, strict=True) if on)
-        count = layer.lora_A.numel() + layer.lora_B.numel()
+        count = sum(getattr(layer, name).numel() for name in layer.adapter_parameter_names())
         rows.append(PatchRow(spec.name, slices, tuple(layer.lora_A.shape), tuple(layer.lora_B.shape), count))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -229,6 +232,7 @@ def patch(
     lora_dropout: float = 0.05,
     targets: str | Iterable[str] = DEFAULT_TARGETS,
     use_rslora: bool = False,
+    use_dora: bool = False,
     layers: Iterable[int] | None = None,
     adapter_dtype: torch.dtype | None = torch.float32,
 ) -> PatchSummary:
@@ -236,12 +240,13 @@ def patch(
 
     The base weights are shared, not copied; everything but the adapters is frozen; the layers use
     ``merge_weights=False`` (merge explicitly, for export). Default targets are the four projections,
-    as PEFT's ``target_modules="all-linear"``. Errors (unknown target, a module named with one of its
+    as PEFT's ``target_modules="all-linear"``. ``use_dora=True`` makes every adapter DoRA (a trainable
+    ``lora_magnitude`` per adapted row; docs/layers.md). Errors (unknown target, a module named with one of its
     slices, an already patched model, bad r/alpha/dropout) are raised before anything is swapped.
 
     >>> summary = patch(model, targets=("q", "v"))  # doctest: +SKIP
     >>> summary.trainable                           # doctest: +SKIP
     """
     specs = plan_modules(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, targets=targets,
-                         use_rslora=use_rslora, layers=layers)
+                         use_rslora=use_rslora, layers=layers, use_dora=use_dora)
     return apply_specs(model, specs, adapter_dtype)
