@@ -517,15 +517,18 @@ class Linear(LoRALayer, nn.Linear):
         with torch.no_grad(), no_autocast(self.weight.device):
             weight, squares = self._weight_out_in(), self._weight_row_squares()
             (A, B), r, s = self._delta_factors(), self.r, self.scaling
-            parts, row = [], 0
-            for j, (offset, size) in enumerate(self._slices()):
-                A_j, B_j = A[j * r : (j + 1) * r], B[row : row + size]
-                WA = (weight[offset : offset + size] @ A_j.t().to(weight.dtype)).to(A.dtype)  # (size, r)
-                quadratic = ((B_j @ (A_j @ A_j.t())) * B_j).sum(1)
-                parts.append(squares[offset : offset + size].to(A.dtype) + 2 * s * (WA * B_j).sum(1)
-                             + s * s * quadratic)
-                row += size
-            return torch.cat(parts).clamp_min_(0).sqrt_()
+            WAs = [(weight[offset : offset + size] @ A[j * r : (j + 1) * r].t().to(weight.dtype)).to(A.dtype)
+                   for j, (offset, size) in enumerate(self._slices())]  # (size, r) each: the only real GEMMs
+            with lowrank.one_thread(weight.device):  # the rest is rank-r sized
+                parts, row = [], 0
+                for j, (offset, size) in enumerate(self._slices()):
+                    A_j, B_j = A[j * r : (j + 1) * r], B[row : row + size]
+                    # rowsum(B_j * (2 s W A_j^T + s^2 B_j A_j A_j^T)) = the two terms of n^2 beyond ||W_i||^2
+                    inner = torch.addmm(WAs[j], B_j, A_j @ A_j.t(), beta=2 * s, alpha=s * s)
+                    parts.append(torch.linalg.vecdot(B_j, inner).add_(squares[offset : offset + size]))
+                    row += size
+                squared = torch.cat(parts) if len(parts) > 1 else parts[0]
+                return squared.clamp_min_(0).sqrt_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -38,7 +38,9 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "new_seed", "no_autocast"]
+__all__ = [
+    "autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "new_seed", "no_autocast", "one_thread",
+]
 
 
 def dropout_positions(seed: int, numel: int, p: float, device: torch.device) -> torch.Tensor:
@@ -84,8 +86,8 @@ def _dropped(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, in
 
 
 @contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run the dropout bookkeeping (a few dozen small ops on ~p x numel elements) on one CPU thread.
+def one_thread(device: torch.device) -> Iterator[None]:
+    """Run small ops (the dropout bookkeeping: a few dozen on ~p x numel elements) on one CPU thread.
 
     Each of those ops is too small to gain from a second thread, but as a parallel region it waits for
     that thread, and on a busy machine (other processes, data loaders) the waits cost far more than the
@@ -157,7 +159,7 @@ class _LowRankLinear(torch.autograd.Function):
         positions = None
         if p > 0.0:
             # drop(x) @ A.T = (x @ A.T - dropped @ A.T) / (1 - p); `dropped` is sparse (a fraction p of x).
-            with _one_thread(x.device):
+            with one_thread(x.device):
                 positions = dropout_positions(seed, x.numel(), p, x.device)
                 values = torch.take(x, positions).to(wide)
                 A_wide_t = A_t if wide == dtype else lora_A.to(wide).t().contiguous()
