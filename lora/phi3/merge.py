@@ -49,7 +49,7 @@ def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, C
     plan = []
     for name, tensor in model.state_dict(keep_vars=True).items():
         module_name, _, leaf = name.rpartition(".")
-        if leaf in ("lora_A", "lora_B") and module_name in lora_layers:
+        if module_name in lora_layers and leaf in lora_layers[module_name].adapter_parameter_names():
             continue
         if tied and name == "lm_head.weight":
             continue
