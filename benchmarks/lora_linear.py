@@ -5,7 +5,8 @@ Times ``y = layer(x); y.backward(dy)`` with the input requiring grad and the bas
 - ``floor``: the frozen ``nn.Linear`` alone (forward + input gradient);
 - ``lora``: ``lora.Linear`` (and ``lora.MergedLinear`` with q|k|v slices on the fused qkv shape);
 - ``peft``: PEFT's LoRA layer via ``get_peft_model`` (float32 adapters, as PEFT makes them);
-- ``loralib``: loralib 0.1.2's ``Linear`` / ``MergedLinear`` (its adapters take the base's dtype).
+- ``loralib``: loralib 0.1.2's ``Linear`` / ``MergedLinear`` (its adapters take the base's dtype);
+- ``lora dora`` / ``peft dora``: DoRA (``use_dora=True``) in each, compared with each other.
 
 Variants run interleaved, round after round (each round starting at the next variant), so the machine's
 noise hits them alike; each cell is the median over rounds of the ratio to the floor's time in the same
@@ -38,6 +39,9 @@ PHI3_MINI_SHAPES = [("qkv_proj", 3072, 9216), ("o_proj", 3072, 3072), ("gate_up_
                     ("down_proj", 8192, 3072)]
 QUICK_SHAPES = [("qkv_proj", 64, 192), ("o_proj", 64, 64), ("gate_up_proj", 64, 256), ("down_proj", 128, 64)]
 PEERS = ("peft", "loralib")  # the other LoRA layers each variant's time is compared with, round by round
+# a DoRA layer is compared with PEFT's DoRA layer (shown in the x peft column); it has no loralib twin
+PEER_VARIANT = {"lora dora": {"peft": "peft dora"}, "peft dora": {"peft": "peft dora"}}
+DORA_TARGET, DORA_SPEEDUP = 1.15, 1.5  # DoRA at most 1.15x the floor, at least 1.5x faster than PEFT's DoRA
 # Each mode: (label, dtype of the layer and its input, autocast dtype or None). The autocast mode is what
 # `Trainer(bf16=True)` runs: a float32 layer and input, forward under torch.autocast("cpu", torch.bfloat16).
 AUTOCAST_BF16 = "float32 autocast-bf16"
@@ -64,6 +68,8 @@ def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float) -> 
     in_f, out_f = base.in_features, base.out_features
     variants: dict[str, nn.Module] = {"floor": base}
     variants["lora"] = lora.Linear.from_module(base, r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False)
+    variants["lora dora"] = lora.Linear.from_module(base, r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False,
+                                                    use_dora=True)
     if name == "qkv_proj":
         third = out_f // 3
         variants["lora merged"] = lora.MergedLinear.from_module(
@@ -71,10 +77,11 @@ def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float) -> 
     try:
         import peft
 
-        config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
-        holder = _Holder(nn.Linear(in_f, out_f, bias=False, dtype=dtype, device="meta"))
-        holder.proj.weight = base.weight
-        variants["peft"] = peft.get_peft_model(holder, config)
+        for key, use_dora in (("peft", False), ("peft dora", True)):
+            config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], use_dora=use_dora)
+            holder = _Holder(nn.Linear(in_f, out_f, bias=False, dtype=dtype, device="meta"))
+            holder.proj.weight = base.weight
+            variants[key] = peft.get_peft_model(holder, config)
     except ImportError:
         pass
     try:
@@ -99,7 +106,7 @@ def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float) -> 
     for module in variants.values():
         module.train()
         for pname, param in module.named_parameters():
-            param.requires_grad = "lora_" in pname
+            param.requires_grad = "lora_" in pname  # PEFT's DoRA magnitude: lora_magnitude_vector
     return variants
 
 
@@ -183,8 +190,9 @@ def run(mode: str, shapes, tokens: int, rounds: int, r: int, alpha: int, dropout
                 ratios = [t / f for t, f in zip(times[key], times["floor"], strict=True)]
                 q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
                 # per-round ratios to each peer's plain LoRA layer, paired within a round like the floor's
-                to_peer = {peer: [t / f for t, f in zip(times[key], times[peer], strict=True)]
-                           for peer in PEERS if peer in times}
+                peers = PEER_VARIANT.get(key, {peer: peer for peer in PEERS})
+                to_peer = {peer: [t / f for t, f in zip(times[key], times[twin], strict=True)]
+                           for peer, twin in peers.items() if twin in times}
                 saved = saved_bytes(lambda m=module, x=x: forward(m, x), [x, *module.parameters()]) - floor_saved
                 rows.append(dict(dtype=mode, dropout=p, shape=f"{name} {in_f}->{out_f}",
                                  variant=key, ms=statistics.median(times[key]) * 1e3,
@@ -215,15 +223,20 @@ def print_table(rows: list[dict], check: bool) -> None:
         return
     print()
     for row in rows:
-        if row["variant"] != "lora":
+        if row["variant"] not in ("lora", "lora dora"):
             continue
-        target = TARGETS[(row["dtype"], row["dropout"] > 0)]
-        line = (f"{row['dtype']} dropout {row['dropout']} {row['shape']}: lora {row['ratio']:.3f}x floor "
+        dora = row["variant"] == "lora dora"
+        target = DORA_TARGET if dora else TARGETS[(row["dtype"], row["dropout"] > 0)]
+        line = (f"{row['dtype']} dropout {row['dropout']} {row['shape']}: {row['variant']} {row['ratio']:.3f}x floor "
                 f"(95% CI {row['ci'][0]:.3f}-{row['ci'][1]:.3f}), target {target:.2f}x: "
                 f"{_verdict(row['ci'], target, 'meets', 'MISSES')}")
         for peer, (ratio, ci) in row["to_peer"].items():
-            line += (f"; {ratio:.3f}x {peer}'s time (95% CI {ci[0]:.3f}-{ci[1]:.3f}): "
-                     f"{_verdict(ci, 1.0, 'faster', 'SLOWER', strict=True)}")
+            if dora:  # at least DORA_SPEEDUP times faster: the whole interval at or below its inverse
+                line += (f"; {ratio:.3f}x {peer} dora's time (95% CI {ci[0]:.3f}-{ci[1]:.3f}), target "
+                         f"{1 / DORA_SPEEDUP:.3f}x: {_verdict(ci, 1 / DORA_SPEEDUP, 'meets', 'MISSES')}")
+            else:
+                line += (f"; {ratio:.3f}x {peer}'s time (95% CI {ci[0]:.3f}-{ci[1]:.3f}): "
+                         f"{_verdict(ci, 1.0, 'faster', 'SLOWER', strict=True)}")
         print(line)
 
 

@@ -21,7 +21,8 @@ def test_lora_linear_quick_mode_prints_every_variant():
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")]
     for mode in ("float32", "bfloat16", "float32 autocast-bf16"):  # autocast: what Trainer(bf16=True) runs
         of_mode = [row for row in rows if row[0] == f"| {mode}"]
-        assert {"floor", "lora", "lora merged", "peft", "loralib", "loralib merged"} <= {row[3] for row in of_mode}
+        variants = {"floor", "lora", "lora merged", "lora dora", "peft", "peft dora", "loralib", "loralib merged"}
+        assert variants <= {row[3] for row in of_mode}
         assert len({row[2] for row in of_mode}) == 4  # the four Phi-3 projection shapes
 
 
