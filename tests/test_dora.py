@@ -239,3 +239,57 @@ def test_errors_are_clear():
     layer.init_dora_magnitude()
     x = torch.randn(2, 4)
     torch.testing.assert_close(layer(x), x)
+
+
+def tiny_phi3(**overrides):
+    from lora.phi3 import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config.from_dict({"model_type": "phi3", "vocab_size": 101, "hidden_size": 32, "intermediate_size": 48,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                                   "max_position_embeddings": 64, **overrides})
+    return Phi3ForCausalLM(config)
+
+
+def randomise_model(model):
+    layers = [m for m in model.modules() if isinstance(m, lora.LoRALayer) and m.use_dora]
+    for seed, module in enumerate(layers):
+        randomise(module, seed=seed)
+
+
+def test_patched_phi3_with_dora_merges_into_a_plain_checkpoint(tmp_path):
+    from lora.phi3 import from_pretrained, merge_and_save, patch
+
+    model = tiny_phi3()
+    summary = patch(model, r=4, lora_alpha=8, lora_dropout=0.0, targets=("q", "v", "o_proj", "gate_up_proj"),
+                    use_dora=True)
+    magnitudes = [m for m in model.modules() if isinstance(m, lora.LoRALayer) and m.use_dora]
+    assert magnitudes and all(m.lora_magnitude.requires_grad for m in magnitudes)
+    assert summary.trainable == sum(m.lora_A.numel() + m.lora_B.numel() + m.lora_magnitude.numel() for m in magnitudes)
+    randomise_model(model)
+    difference = merge_and_save(model, tmp_path / "merged")
+    assert difference < 1e-4
+    plain = from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), model(ids), rtol=0, atol=1e-4)
+
+
+def test_dora_with_dropout_under_gradient_checkpointing_equals_without(monkeypatch):
+    from lora.phi3 import patch
+
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_phi3()
+        patch(model, r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True)
+        randomise_model(model)
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(4))
+        torch.manual_seed(7)  # the dropout positions come from torch's generator, which checkpointing restores
+        model.loss(ids, ids).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.endswith("lora_magnitude") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
