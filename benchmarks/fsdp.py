@@ -5,7 +5,7 @@ a temporary directory, then runs, each in fresh processes on this machine: one p
 (torchrun, gloo) and FSDP2 over 2 processes, each loading the checkpoint, patching LoRA (r 16, the four
 projections) and training `--steps` AdamW steps on a global batch of 2 rows of `--seq` tokens. Memory is each
 process's unique set size (USS: private pages, file-backed or anonymous; RSS would count the page cache that
-ranks share once per rank), sampled every 10 ms: the peak while loading and the peak while training, each as
+ranks share once per rank), sampled every 50 ms: the peak while loading and the peak while training, each as
 a fraction of one process's. Step time is the median step after the first, against DDP's.
 
     python benchmarks/fsdp.py             # 16 full-width layers (1.9 B parameters, 3.8 GB), a few minutes
@@ -50,7 +50,7 @@ def uss() -> int:
 
 
 class PeakMemory:
-    """Highest USS seen by a 10 ms sampling thread since the last `reset`."""
+    """Highest USS seen by a 50 ms sampling thread since the last `reset` (smaps_rollup costs system time)."""
 
     def __init__(self) -> None:
         self.peak = uss()
@@ -59,7 +59,7 @@ class PeakMemory:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(0.05):
             self.peak = max(self.peak, uss())
 
     def reset(self) -> int:
@@ -94,7 +94,7 @@ def write_checkpoint(path: Path, layers: int, quick: bool) -> Phi3Config:
     return config
 
 
-def worker(mode: str, checkpoint: Path, steps: int, seq: int) -> None:
+def worker(mode: str, checkpoint: Path, steps: int, seq: int, out: Path) -> None:
     memory = PeakMemory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -123,8 +123,10 @@ def worker(mode: str, checkpoint: Path, steps: int, seq: int) -> None:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     train_peak = memory.reset()
-    print("RESULT " + json.dumps({"mode": mode, "rank": rank, "load_peak": load_peak, "train_peak": train_peak,
-                                  "step_s": statistics.median(times[1:] or times)}), flush=True)
+    # One file per rank: torchrun interleaves the ranks' stdout.
+    (out / f"{mode}-{rank}.json").write_text(json.dumps({"mode": mode, "rank": rank, "load_peak": load_peak,
+                                                         "train_peak": train_peak,
+                                                         "step_s": statistics.median(times[1:] or times)}))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -132,13 +134,14 @@ def worker(mode: str, checkpoint: Path, steps: int, seq: int) -> None:
 
 def run(mode: str, checkpoint: Path, steps: int, seq: int) -> list[dict]:
     script = [str(Path(__file__).resolve()), "--worker", mode, "--checkpoint", str(checkpoint), "--steps",
-              str(steps), "--seq", str(seq)]
+              str(steps), "--seq", str(seq), "--out", str(checkpoint / "results")]
+    (checkpoint / "results").mkdir(exist_ok=True)
     launch = ([sys.executable] if mode == "one" else
               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     result = subprocess.run([*launch, *script], capture_output=True, text=True, timeout=3000)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    rows = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    rows = [json.loads(path.read_text()) for path in (checkpoint / "results").glob(f"{mode}-*.json")]
     return sorted(rows, key=lambda row: row["rank"])
 
 
@@ -150,9 +153,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--worker", choices=("one", "ddp", "fsdp"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.checkpoint, args.steps, args.seq)
+        worker(args.worker, args.checkpoint, args.steps, args.seq, args.out)
         return
     layers, steps, seq = (2, 2, 16) if args.quick else (args.layers, args.steps, args.seq)
     with tempfile.TemporaryDirectory(prefix="fsdp-bench-") as tmp:
