@@ -3,7 +3,7 @@
 The header metadata (strings, as safetensors requires) holds:
 
 - ``format``: ``"lora-adapter"``, ``format_version``: ``"1"``;
-- ``layers``: JSON, for each adapted module its class, ``r``, ``lora_alpha``, ``use_rslora``, dropout and,
+- ``layers``: JSON, for each adapted module its class, ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, dropout and,
   for a ``MergedLinear``, its ``split_sizes`` and ``enable_lora``;
 - ``fingerprint``: JSON, the base model's architecture fields (from ``model.config`` when it has one) and
   the name, shape and dtype of every adapted weight.
@@ -97,7 +97,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
 def _layer_entry(layer: LoRALayer) -> dict[str, Any]:
     dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
     entry = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
-             "use_rslora": layer.use_rslora, "lora_dropout": dropout}
+             "use_rslora": layer.use_rslora, "lora_dropout": dropout, "use_dora": layer.use_dora}
     if isinstance(layer, MergedLinear):
         entry.update(split_sizes=list(layer.split_sizes), enable_lora=list(layer.enable_lora))
     return entry
@@ -180,8 +180,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprin
                                        f"the model's is {tuple(own[name].shape)}")
     current = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
     for name in sorted(current):
-        for key in ("class", "r", "lora_alpha", "use_rslora", "split_sizes", "enable_lora"):
-            saved, have = saved_layers.get(name, {}).get(key), current[name].get(key)
+        for key in ("class", "r", "lora_alpha", "use_rslora", "split_sizes", "enable_lora", "use_dora"):
+            # files written before DoRA existed have no use_dora: they are plain LoRA
+            saved = saved_layers.get(name, {}).get(key, False if key == "use_dora" else None)
+            have = current[name].get(key)
             if saved != have:
                 raise AdapterMismatchError(f"{path}: module {name!r} was saved with {key}={saved!r}, "
                                            f"the model has {key}={have!r}")

@@ -1,7 +1,7 @@
 """Which parameters train, and which go into a LoRA checkpoint.
 
-LoRA parameters are found by module type (the ``lora_A``/``lora_B`` of each ``LoRALayer`` with
-``r > 0``), not by the substring ``'lora_'`` in a name, so a user's ``explorer_lora_gate`` stays
+LoRA parameters are found by module type (the ``lora_A``/``lora_B``, and DoRA's ``lora_magnitude``, of each
+``LoRALayer`` with ``r > 0``), not by the substring ``'lora_'`` in a name, so a user's ``explorer_lora_gate`` stays
 frozen. The two functions agree on the biases of each mode:
 
 - ``'none'``: no bias;
@@ -34,7 +34,7 @@ def lora_parameter_names(model: nn.Module, bias: BiasMode = "none") -> list[str]
         prefix = f"{module_name}." if module_name else ""
         adapted = isinstance(module, LoRALayer) and module.has_lora
         if adapted:
-            names += [prefix + "lora_A", prefix + "lora_B"]
+            names += [prefix + name for name in module.adapter_parameter_names()]
         has_bias = module._parameters.get("bias") is not None
         if has_bias and (bias == "all" or (bias == "lora_only" and adapted)):
             names.append(prefix + "bias")

@@ -50,7 +50,8 @@ def test_round_trip_is_exact_and_holds_only_adapters(tmp_path):
     assert meta["format"] == "lora-adapter" and meta["format_version"] == "1"
     layers = json.loads(meta["layers"])
     assert layers["qkv"] == {"class": "MergedLinear", "r": 2, "lora_alpha": 4, "use_rslora": False,
-                             "lora_dropout": 0.0, "split_sizes": [8, 8, 8], "enable_lora": [True, False, True]}
+                             "use_dora": False, "lora_dropout": 0.0, "split_sizes": [8, 8, 8],
+                             "enable_lora": [True, False, True]}
     fingerprint = json.loads(meta["fingerprint"])
     assert fingerprint["architecture"] == {"model_type": "toy", "hidden_size": 8, "max_position_embeddings": 4096,
                                            "rope_type": "default"}

@@ -36,11 +36,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:(?P<which>[AB])(?:\.[^.]+)?\.weight"
+                  r"|magnitude_vector(?:\.[^.]+)?(?:\.weight)?)$")  # which: None for DoRA's magnitude
 
 # PEFT options that change the maths or the saved modules; an adapter using any of them is refused.
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "modules_to_save": (None, []),
     "layers_to_transform": (None, []),
@@ -71,6 +71,20 @@ def _peft_pair(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     return A.clone(), B_full
 
 
+def _peft_magnitude(layer: Linear) -> torch.Tensor:
+    """PEFT's DoRA magnitude for the whole module, (out,): ours on the adapted rows, the row norm of W on the
+    others (their B rows are zero in PEFT's layout, so their scale m / n is 1 there too)."""
+    magnitude = full_tensor(layer.lora_magnitude).detach().float()
+    if not isinstance(layer, MergedLinear):
+        return magnitude.clone()
+    full = torch.linalg.vector_norm(full_tensor(layer.weight).detach().float(), dim=1)
+    row = 0
+    for offset, size in layer._slices():
+        full[offset : offset + size] = magnitude[row : row + size]
+        row += size
+    return full
+
+
 def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and the ``adapter_config.json`` content of ``model``'s adapters in PEFT's format."""
     layers = _lora_layers(model)
@@ -79,6 +93,13 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
     for name, layer in layers:
         if type(layer) not in (Linear, MergedLinear) or layer.fan_in_fan_out:
             raise ValueError(f"{name}: only lora.Linear / lora.MergedLinear without fan_in_fan_out export to PEFT")
+    dora = {layer.use_dora for _, layer in layers}
+    if len(dora) > 1:
+        raise ValueError("PEFT has one use_dora per adapter; this model mixes DoRA and plain LoRA layers")
+    use_dora = dora.pop()
+    if use_dora and uniform_rank:
+        raise ValueError("uniform_rank=True folds each module's scaling into B, which DoRA's norm does not allow; "
+                         "save a DoRA adapter without it")
     pairs = {name: _peft_pair(layer) for name, layer in layers}
     ranks = {name: A.shape[0] for name, (A, _) in pairs.items()}
     scalings = {name: layer.scaling for name, layer in layers}
@@ -109,6 +130,9 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
     for name, (A, B) in pairs.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    if use_dora:
+        for name, layer in layers:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _peft_magnitude(layer)
     modules = sorted(pairs)
     short = sorted({name.rsplit(".", 1)[1] for name in modules})
     every_layer = {f"model.layers.{i}.{MODULE_NAMES[s][0]}.{s}" for s in short
@@ -131,7 +155,7 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": use_dora,
         "lora_bias": False,
     }
     return tensors, config
@@ -194,8 +218,9 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
     dropout = config.get("lora_dropout")
     if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
         fail("lora_dropout", "a number in [0, 1)")
-    if "use_rslora" in config and not isinstance(config["use_rslora"], bool):
-        fail("use_rslora", "true or false (a boolean, not a string)")
+    for key in ("use_rslora", "use_dora"):
+        if key in config and not isinstance(config[key], bool):
+            fail(key, "true or false (a boolean, not a string)")
     # Inits that change the base weights (PiSSA, OLoRA, CorDA, LoftQ, EVA...) make an adapter that is only
     # right on that changed base; only the plain ones leave the base as it was.
     if config.get("init_lora_weights", True) not in (True, False, "gaussian"):
@@ -248,7 +273,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     layers, PEFT's layout, with ``rank_pattern``/``alpha_pattern`` honoured). Onto a patched model the
     layout must match: the same modules with the same rank and scaling (a ``MergedLinear`` accepts the
     block-diagonal layout ``save_peft_adapter`` writes for it). Options this library does not implement
-    (``use_dora``, ``lora_bias``, ``modules_to_save``, ...) are refused by name. On a patched model sharded
+    (``lora_bias``, ``modules_to_save``, ...) are refused by name; DoRA adapters (``use_dora``) load into DoRA
+    layers. On a patched model sharded
     with FSDP2 (call it on every rank) each rank copies its slice of each tensor.
     """
     path = Path(path)
@@ -260,10 +286,18 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         if match is None:
             raise ValueError(f"{path}: tensor {key!r} is not a LoRA weight of the form "
                              f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        pairs.setdefault(match["module"], {})[match["which"] or "magnitude"] = tensor
+    use_dora = bool(config.get("use_dora", False))
     for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise ValueError(f"{path}: module {module!r} has lora_{'B' if 'A' in pair else 'A'} missing")
+        if use_dora != ("magnitude" in pair):
+            raise ValueError(f"{path}: module {module!r} " + ("has no lora_magnitude_vector, which use_dora=true "
+                             "needs" if use_dora else "has a lora_magnitude_vector but the config says use_dora=false"))
+        magnitude = pair.get("magnitude")
+        if magnitude is not None and tuple(magnitude.shape) != (pair["B"].shape[0],):
+            raise ValueError(f"{path}: {module}.lora_magnitude_vector has shape {tuple(magnitude.shape)}; its "
+                             f"lora_B has {pair['B'].shape[0]} rows")
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     use_rslora = bool(config.get("use_rslora", False))
     scaling = {}
@@ -289,7 +323,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             rank = pair["A"].shape[0]
             # lora_alpha chosen so that our scaling (alpha / r, or / sqrt(r)) is PEFT's.
             alpha = scaling[module] * (math.sqrt(rank) if use_rslora else rank)
-            specs.append(ModuleSpec(module, rank, alpha, float(config.get("lora_dropout") or 0.0), use_rslora))
+            specs.append(ModuleSpec(module, rank, alpha, float(config.get("lora_dropout") or 0.0), use_rslora,
+                                    use_dora=use_dora))
         _check_shapes(path, pairs, named)
         apply_specs(model, specs, torch.float32)
         named = dict(model.named_modules())
@@ -297,14 +332,21 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if own != set(pairs):
         missing = sorted(own - set(pairs)) or sorted(set(pairs) - own)
         raise ValueError(f"{path}: the adapter's modules differ from the model's LoRA layers, first: {missing[0]!r}")
-    updates = {}
+    updates, magnitudes = {}, {}
     for module, pair in sorted(pairs.items()):
         layer = named[module]
+        if layer.use_dora != use_dora:
+            raise ValueError(f"{path}: the adapter is {'DoRA' if use_dora else 'plain LoRA'} (use_dora={use_dora}) "
+                             f"but the model's {module} is {'DoRA' if layer.use_dora else 'plain LoRA'}")
         updates[module] = _to_layer(path, module, layer, pair["A"], pair["B"], scaling[module])
+        if use_dora:
+            magnitudes[module] = _magnitude_to_layer(path, module, layer, pair["magnitude"])
     with torch.no_grad():
         for module, (A, B) in updates.items():
             named[module].lora_A.copy_(shard_like(A, named[module].lora_A))
             named[module].lora_B.copy_(shard_like(B, named[module].lora_B))
+            if module in magnitudes:
+                named[module].lora_magnitude.copy_(shard_like(magnitudes[module], named[module].lora_magnitude))
             if named[module].merged:
                 named[module].merge()
 
@@ -343,3 +385,19 @@ def _to_layer(path: Path, module: str, layer: LoRALayer, A: torch.Tensor, B: tor
         raise ValueError(f"{path}: {module} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}; the model's "
                          f"layer has {tuple(layer.lora_A.shape)} / {tuple(layer.lora_B.shape)}")
     return A, B
+
+
+def _magnitude_to_layer(path: Path, module: str, layer: LoRALayer, magnitude: torch.Tensor) -> torch.Tensor:
+    """This layer's lora_magnitude from PEFT's whole-module one: the adapted rows; every other row must be its
+    own row norm (scale 1), or the per-slice layer could not reproduce PEFT's output."""
+    if not isinstance(layer, MergedLinear):
+        return magnitude
+    norms = torch.linalg.vector_norm(layer.weight.detach().float(), dim=1)
+    keep = torch.zeros(layer.out_features, dtype=torch.bool)
+    for offset, size in layer._slices():
+        keep[offset : offset + size] = True
+    others, own = magnitude.float()[~keep], norms[~keep]
+    if others.numel() and not torch.allclose(others, own, rtol=1e-5, atol=1e-7):
+        raise ValueError(f"{path}: {module}'s lora_magnitude_vector rescales rows the model's per-slice layer "
+                         "does not adapt; load it onto an unpatched model instead")
+    return magnitude[keep]

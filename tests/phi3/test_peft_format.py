@@ -102,7 +102,7 @@ def write_adapter(tmp_path, model, **config_changes):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"use_dora": True}, "use_dora=True is not supported by lora.phi3"),
+        ({"use_qalora": True}, "use_qalora=True is not supported by lora.phi3"),
         ({"lora_bias": True}, "lora_bias=True is not supported by lora.phi3"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] is not supported by lora.phi3"),
         ({"bias": "all"}, "bias='all' is not supported by lora.phi3 (only 'none')"),
