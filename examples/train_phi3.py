@@ -114,6 +114,7 @@ peft_config: dict[str, Any] = {
     "task_type": "CAUSAL_LM",
     "target_modules": "all-linear",
     "use_rslora": False,
+    "use_dora": False,
 }
 # The embedded model is random, not pretrained: LoRA alone must carry everything it learns, in about a minute
 # of CPU. So: rank 32 over all four projections (a fifth of the parameters, enough to learn the templates),
@@ -199,6 +200,7 @@ HELP = {
     "task_type": "CAUSAL_LM (what PEFT's adapter_config.json records)",
     "target_modules": "all-linear, or names among qkv_proj, o_proj, gate_up_proj, down_proj, q, k, v, gate, up",
     "use_rslora": "scale by alpha / sqrt(r) instead of alpha / r",
+    "use_dora": "DoRA: a trainable magnitude per adapted row on top of LoRA (docs/layers.md)",
 }
 CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -479,7 +481,7 @@ def patch_model(model: Phi3ForCausalLM, config: dict[str, Any]) -> PatchSummary:
     targets = config["target_modules"]
     targets = DEFAULT_TARGETS if targets in ("all-linear", ["all-linear"]) else tuple(targets)
     return patch(model, r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                 targets=targets, use_rslora=config["use_rslora"])
+                 targets=targets, use_rslora=config["use_rslora"], use_dora=config["use_dora"])
 
 
 def load_sharded_model(path: Path, config: dict[str, Any],
