@@ -49,8 +49,8 @@ def base_model(tokenizer):
     return transformers.Phi3ForCausalLM(config)
 
 
-def patched(model):
-    patch(model, r=4, lora_alpha=8, lora_dropout=0.05)
+def patched(model, use_dora=False):
+    patch(model, r=4, lora_alpha=8, lora_dropout=0.05, use_dora=use_dora)
     return model
 
 
@@ -97,11 +97,12 @@ def logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("make_trainer", [lm_trainer, sft_trainer], ids=["Trainer", "SFTTrainer"])
-def test_trainers_train_under_bf16_autocast_and_save_adapters_only(make_trainer, tokenizer, conversations, tokenized,
-                                                                   tmp_path):
+@pytest.mark.parametrize(("make_trainer", "dora"), [(lm_trainer, False), (sft_trainer, False), (lm_trainer, True)],
+                         ids=["Trainer", "SFTTrainer", "Trainer-DoRA"])
+def test_trainers_train_under_bf16_autocast_and_save_adapters_only(make_trainer, dora, tokenizer, conversations,
+                                                                   tokenized, tmp_path):
     base = base_model(tokenizer)
-    model = patched(copy.deepcopy(base))
+    model = patched(copy.deepcopy(base), use_dora=dora)
     seen = record_autocast(model)
     data = tokenized if make_trainer is lm_trainer else conversations
     trainer = make_trainer(model, tokenizer, data, tmp_path / "run", max_steps=12, save_steps=6)
@@ -121,7 +122,7 @@ def test_trainers_train_under_bf16_autocast_and_save_adapters_only(make_trainer,
     model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # accelerate wraps forward in autocast
     want = logits(model, ids)
     assert not torch.allclose(want, logits(base, ids), atol=1e-3)  # the adapters changed something
-    ours = patched(copy.deepcopy(base))
+    ours = patched(copy.deepcopy(base), use_dora=dora)
     lora.load_adapter(ours, tmp_path / "final" / hf.ADAPTER_NAME)
     torch.testing.assert_close(logits(ours, ids), want, rtol=0, atol=1e-5)
     peft = pytest.importorskip("peft")
@@ -129,14 +130,16 @@ def test_trainers_train_under_bf16_autocast_and_save_adapters_only(make_trainer,
     torch.testing.assert_close(logits(theirs, ids), want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("make_trainer", "bf16"), [(lm_trainer, False), (lm_trainer, True), (sft_trainer, True)],
-                         ids=["Trainer-float32", "Trainer-bf16", "SFTTrainer-bf16"])
-def test_resume_from_an_adapter_checkpoint_matches_an_uninterrupted_run(make_trainer, bf16, tokenizer, conversations,
-                                                                        tokenized, tmp_path):
+@pytest.mark.parametrize(("make_trainer", "bf16", "dora"),
+                         [(lm_trainer, False, False), (lm_trainer, True, False), (sft_trainer, True, False),
+                          (lm_trainer, False, True)],
+                         ids=["Trainer-float32", "Trainer-bf16", "SFTTrainer-bf16", "Trainer-float32-DoRA"])
+def test_resume_from_an_adapter_checkpoint_matches_an_uninterrupted_run(make_trainer, bf16, dora, tokenizer,
+                                                                        conversations, tokenized, tmp_path):
     data = tokenized if make_trainer is lm_trainer else conversations
-    whole = patched(base_model(tokenizer))
+    whole = patched(base_model(tokenizer), use_dora=dora)
     make_trainer(whole, tokenizer, data, tmp_path / "whole", bf16=bf16).train()
-    resumed = patched(base_model(tokenizer))
+    resumed = patched(base_model(tokenizer), use_dora=dora)
     with torch.no_grad():  # a different start, so only the checkpoint can make the runs agree
         for name, p in resumed.named_parameters():
             if name.endswith("lora_A"):
