@@ -638,7 +638,8 @@ def any_layer(draw):
     common = dict(r=r, lora_alpha=draw(st.sampled_from([1, 2 * r])), use_rslora=draw(st.booleans()))
     if kind == "Linear":
         n_in, n_out = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-        layer = lora.Linear(n_in, n_out, fan_in_fan_out=draw(st.booleans()), bias=draw(st.booleans()), **common)
+        layer = lora.Linear(n_in, n_out, fan_in_fan_out=draw(st.booleans()), bias=draw(st.booleans()),
+                            use_dora=draw(st.booleans()), **common)
         return layer, torch.randn(3, n_in)
     if kind == "Embedding":
         num, dim = draw(st.integers(2, 20)), draw(st.integers(1, 8))
