@@ -174,9 +174,11 @@ def main() -> None:
             print(f"{mode:<6} {row['rank']:>4} {row['load_peak'] / 2**20:>14,.0f} "
                   f"{row['load_peak'] / one['load_peak']:>6.2f} {row['train_peak'] / 2**20:>15,.0f} "
                   f"{row['train_peak'] / one['train_peak']:>6.2f} {row['step_s']:>8.3f} {row['step_s'] / ddp:>6.2f}")
-    worst = max(max(row["load_peak"] / one["load_peak"], row["train_peak"] / one["train_peak"])
-                for row in results["fsdp"])
-    print(f"FSDP per-rank peak (USS) at most {worst:.2f}x one process's (goal <= {GOAL}): "
+    # Overall peaks: one process maps the checkpoint lazily (its pages arrive on first use, in training), so its
+    # load peak alone says little.
+    overall = max(one["load_peak"], one["train_peak"])
+    worst = max(max(row["load_peak"], row["train_peak"]) / overall for row in results["fsdp"])
+    print(f"FSDP per-rank overall peak (USS) at most {worst:.2f}x one process's (goal <= {GOAL}): "
           f"{'met' if worst <= GOAL else 'not met'}")
 
 

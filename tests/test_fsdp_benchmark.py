@@ -18,4 +18,4 @@ def test_quick_mode_prints_memory_and_step_time_of_every_rank():
                                                   ("fsdp", "1")]
     assert all(len(row) == 8 for row in rows)
     assert rows[0][3] == rows[0][5] == "1.00"  # one process is the reference of the memory columns
-    assert "FSDP per-rank peak (USS) at most" in result.stdout
+    assert "FSDP per-rank overall peak (USS) at most" in result.stdout
