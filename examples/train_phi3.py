@@ -394,6 +394,10 @@ def check_config(config: dict[str, Any]) -> None:
         if config[key] not in choices:
             raise ValueError(f"{option_name(key)} must be one of {', '.join(choices)}, got {config[key]!r}")
     check_device(config["device"])
+    if config["fsdp"] and config["use_dora"]:
+        raise ValueError("--fsdp with --use-dora is not supported: DoRA starts its magnitude from each whole row of "
+                         "the base weight, which a sharded load never holds; train DoRA with DDP (torchrun without "
+                         "--fsdp)")
     if config["fsdp"] and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards the model across processes: run the script under torchrun with two or more "
                          "(torchrun --nproc_per_node N examples/train_phi3.py ... --fsdp)")
@@ -656,8 +660,8 @@ def save_checkpoint(path: Path, step: int, total_steps: int, model: Phi3ForCausa
     the directory is replaced as a whole (lora.atomic.atomic_directory).
 
     Under FSDP every rank calls it: the adapters and the optimizer state are gathered whole (the optimizer's
-    keyed by parameter name, torch.distributed.checkpoint's full state dict, so any world size can resume)
-    and rank 0 writes.
+    keyed by parameter name, torch.distributed.checkpoint's full state dict; resuming is tested with the same
+    world size) and rank 0 writes.
     """
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -1,5 +1,5 @@
-"""train_phi3.py under torchrun: two CPU processes (gloo), with DDP and with FSDP2, equal one process with the same
-global batch; an FSDP run resumed from a checkpoint equals the uninterrupted one bit for bit."""
+"""train_phi3.py under torchrun: two CPU processes (gloo), with DDP (LoRA and DoRA) and with FSDP2, equal one process
+with the same global batch; an FSDP run resumed from a checkpoint equals the uninterrupted one bit for bit."""
 
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ def runs(tmp_path_factory) -> dict[str, Path | subprocess.CompletedProcess]:
     result["fsdp_log"] = torchrun(*common, "--per-device-train-batch-size", "2", "--output-dir", tmp / "fsdp", "--fsdp",
                                   "--gradient-checkpointing", "--save-steps", "1", "--save-total-limit", "2", "--merge")
     torchrun("--resume", tmp / "fsdp" / "checkpoints" / "step-000001", "--output-dir", tmp / "fsdp-resumed")
+    result["ddp-dora_log"] = torchrun(*common, "--use-dora", "--per-device-train-batch-size", "2",
+                                      "--output-dir", tmp / "ddp-dora")
+    single = subprocess.run([sys.executable, str(SCRIPT), *map(str, common), "--use-dora",
+                             "--per-device-train-batch-size", "4", "--output-dir", tmp / "one-dora"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     return result
 
 
@@ -95,6 +101,17 @@ def test_fsdp_resume_equals_uninterrupted_run_bit_for_bit(runs):
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
     assert losses(runs, "fsdp-resumed")[-1] == losses(runs, "fsdp")[-1]
+
+
+def test_dora_under_ddp_matches_one_process(runs):
+    assert any(key.endswith("lora_magnitude") for key in adapters(runs, "one-dora"))
+    assert_adapters_close(runs, "ddp-dora", "one-dora", rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_with_dora_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ValueError, match=r"^--fsdp with --use-dora is not supported: DoRA starts its magnitude"):
+        train_phi3.main(["--fsdp", "--use-dora", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
