@@ -16,6 +16,7 @@ The last line printed is `eval loss: BEFORE -> AFTER (-P%)`. See docs/training.m
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -1016,6 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval loss: {loss_before:.4f} -> {loss_after:.4f} ({change:+.1f}%)", flush=True)
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's writes: no process group torn down under it
+        # DDP's reducer holds the process group; freed after it, its C++ side can abort the process at exit
+        del trainer
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
