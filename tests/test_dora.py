@@ -46,6 +46,15 @@ def explicit(layer, x, x_drop):
     return F.linear(x, W, layer.bias) + (c - 1) * F.linear(x_drop, W) + c * F.linear(x_drop, delta)
 
 
+def assert_same_in_float64(layer, x, got, want):
+    """Outputs, and the gradients of x and every adapter parameter for one cotangent, within 1e-12."""
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(got)
+    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude)
+    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 class Holder(nn.Module):
     def __init__(self, proj):
         super().__init__()
@@ -125,11 +134,7 @@ def test_hand_written_backward_equals_autograd_in_float64(fused, bias):
     # A and B are checked against autograd through the explicit formula, which detaches n the same way.
     assert torch.autograd.gradcheck(lambda *_: layer(x), (x, layer.lora_magnitude))
     got, want = layer(x), explicit(layer, x, x)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    dy = torch.randn_like(got)
-    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude)
-    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_in_float64(layer, x, got, want)
 
 
 def test_a_zero_magnitude_row_still_gets_its_gradient():
@@ -162,11 +167,7 @@ def test_with_dropout_equals_the_formula_on_the_same_dropped_elements(monkeypatc
     mask.view(-1)[dropout_positions(SEED, x.numel(), p, x.device)] = True
     got = layer(x)
     want = explicit(layer, x, x.masked_fill(mask, 0) / (1 - p))
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    dy = torch.randn_like(got)
-    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude)
-    for a, b in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_same_in_float64(layer, x, got, want)
 
 
 def test_with_dropout_has_peft_dora_statistics():
