@@ -512,8 +512,24 @@ class Linear(LoRALayer, nn.Linear):
 
         Computed in low rank, never building ``B @ A``: ``n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i +
         s^2 B_i (A A^T) B_i^T``, with ``||W_i||^2`` kept while the frozen weight is unchanged, ``W A^T`` an (out, r)
-        product in the weight's dtype and the rest in float32.
+        product in the weight's dtype and the rest in float32. "Unchanged" is judged by each tensor's identity and
+        version counter, which every in-place op bumps; a change made through ``.data`` is not seen.
         """
+        # Kept while W, A and B are unchanged (their version counters): generation, evaluation, merging. In
+        # training every step changes A and B, and the (out, r) product is r / tokens of the frozen GEMM; with one
+        # token at a time it would be r times the GEMM itself.
+        weight = self._weight_out_in()
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device, t.stride())
+                    for t in (weight, self.lora_A, self.lora_B))
+        key += (self.scaling,)
+        cached = self.__dict__.get("_dora_norm")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        norm = self._compute_dora_norm()
+        self.__dict__["_dora_norm"] = (key, norm)
+        return norm
+
+    def _compute_dora_norm(self) -> torch.Tensor:
         with torch.no_grad(), no_autocast(self.weight.device):
             weight, squares = self._weight_out_in(), self._weight_row_squares()
             (A, B), r, s = self._delta_factors(), self.r, self.scaling
