@@ -511,22 +511,24 @@ class Linear(LoRALayer, nn.Linear):
         """DoRA's ``n``: the row norms of ``W + scaling * B @ A`` for the adapted rows, detached, in float32.
 
         Computed in low rank, never building ``B @ A``: ``n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i +
-        s^2 B_i (A A^T) B_i^T``, with ``||W_i||^2`` kept while the frozen weight is unchanged, ``W A^T`` an (out, r)
-        product in the weight's dtype and the rest in float32. "Unchanged" is judged by each tensor's identity and
-        version counter, which every in-place op bumps; a change made through ``.data`` is not seen.
+        s^2 B_i (A A^T) B_i^T``, with ``W A^T`` an (out, r) product in the weight's dtype and the rest in float32.
+        ``||W_i||^2``, and without grad ``n`` itself, are kept
+        while the frozen weight is the same tensor with the same version counter (every in-place op bumps it; an
+        edit through ``.data`` is not seen) and ``A``, ``B`` hold the same values.
         """
-        # Kept while W, A and B are unchanged (their version counters): generation, evaluation, merging. In
-        # training every step changes A and B, and the (out, r) product is r / tokens of the frozen GEMM; with one
-        # token at a time it would be r times the GEMM itself.
+        # Without grad (generation, evaluation, merging) n is kept while W (its identity and version) and A and B
+        # (their values: fused optimizers update parameters without bumping version counters) are unchanged; with
+        # one token at a time the (out, r) product would cost r times the frozen GEMM. Training recomputes it.
+        if torch.is_grad_enabled():
+            return self._compute_dora_norm()
         weight = self._weight_out_in()
-        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device, t.stride())
-                    for t in (weight, self.lora_A, self.lora_B))
-        key += (self.scaling,)
+        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.stride(), self.scaling)
         cached = self.__dict__.get("_dora_norm")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if (cached is not None and cached[0] == key and torch.equal(cached[1], self.lora_A)
+                and torch.equal(cached[2], self.lora_B)):
+            return cached[3]
         norm = self._compute_dora_norm()
-        self.__dict__["_dora_norm"] = (key, norm)
+        self.__dict__["_dora_norm"] = (key, self.lora_A.detach().clone(), self.lora_B.detach().clone(), norm)
         return norm
 
     def _compute_dora_norm(self) -> torch.Tensor:
