@@ -464,7 +464,8 @@ class Linear(LoRALayer, nn.Linear):
 
     def _delta_weight(self) -> torch.Tensor:
         if self.use_dora:  # W' - W
-            delta = self._dora_weight() - self._weight_out_in().to(self._delta_factors()[0].dtype)
+            merged = self._dora_weight()
+            delta = merged - self._weight_out_in().to(merged.dtype)
         else:
             delta = self._lora_delta()
         return delta.t() if self.fan_in_fan_out else delta
