@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lowrank
+from . import lowrank, quant
 from .lowrank import autocast_enabled, compute_dtype, dropout_positions, lowrank_linear, no_autocast
 
 __all__ = [
@@ -79,7 +79,10 @@ def _adapter_dtype(weight: torch.Tensor, adapter_dtype: torch.dtype | None) -> t
             raise TypeError(f"adapter_dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, "
                             f"...) or None; got {adapter_dtype!r}")
         return adapter_dtype
-    return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+    # ... and over a 4-bit base too: never in the packed dtype (uint8), whatever the weight computes in.
+    if weight.dtype in (torch.bfloat16, torch.float16) or quant.is_quantized(weight):
+        return torch.float32
+    return weight.dtype
 
 
 class LoRALayer:
@@ -154,8 +157,19 @@ class LoRALayer:
     # -- merging ----------------------------------------------------------------------------------
 
     def merged_weight_tensor(self) -> torch.Tensor:
-        """The merged weight ``W + delta``, computed in float32 and returned in the weight's dtype."""
+        """The merged weight ``W + delta``, computed in float32 and returned in the weight's dtype.
+
+        Over a 4-bit base it is ``dequantize(W4) + delta`` in the dtype ``W4`` dequantizes to (bf16 or
+        float32): the weights the adapters were trained against, not a 4-bit rounding of the sum.
+        """
         weight = self.weight
+        if quant.is_quantized(weight):
+            with torch.no_grad():
+                base = quant.dequantize(weight)
+                if not self.has_lora:
+                    return base
+                delta = self.delta_weight()
+                return (base.to(delta.dtype) + delta).to(base.dtype)
         if not self.has_lora:
             return weight.detach()
         with torch.no_grad():
@@ -163,7 +177,11 @@ class LoRALayer:
             return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     def merge(self) -> None:
-        """Use ``W + delta`` in forward (recomputed from the current adapters). Idempotent."""
+        """Use ``W + delta`` in forward (recomputed from the current adapters). Idempotent.
+
+        Refused (``lora.quant.QuantizedMergeError``) over a 4-bit base: see ``_refuse_quantized_merge``.
+        """
+        _refuse_quantized_merge(self, "merge()")
         if self.has_lora:
             self.merged_weight = self.merged_weight_tensor()
         self.merged = True
@@ -215,6 +233,17 @@ class LoRALayer:
             if self.use_dora:
                 text += ", use_dora=True"
         return text
+
+
+def _refuse_quantized_merge(layer: LoRALayer, what: str) -> None:
+    # W + delta has no 4-bit form equal to it: quantizing it again would move every weight by up to half a
+    # 4-bit step (the model would no longer be the one the adapters were trained on), and holding it in bf16
+    # beside the packed weight would cost 4x the base. A merged model is written instead, in bf16 or float32.
+    if quant.is_quantized(getattr(layer, "weight", None)):
+        raise quant.QuantizedMergeError(
+            f"{type(layer).__name__}: {what} over a 4-bit (bitsandbytes) base weight is not supported: the merged "
+            "weight has no 4-bit form that equals dequantize(W4) + delta. Keep the adapters separate, or write a "
+            "merged bf16/float32 model with lora.phi3.merge_and_save (or lora.merged_state_dict)")
 
 
 def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
@@ -331,6 +360,22 @@ def _check_dora(r: int, use_dora: Any) -> None:
         raise ValueError("use_dora=True needs an adapter (r > 0): DoRA rescales the rows of W + scaling * B @ A")
 
 
+def _check_quantized(cls: type, module: nn.Linear, r: int, merge_weights: Any, use_dora: Any) -> None:
+    """Over a 4-bit base (a bitsandbytes ``Linear4bit``): no merge-on-eval, no DoRA; said before anything is built."""
+    if not quant.is_quantized(module.weight):
+        return
+    check_flags(merge_weights=merge_weights, use_dora=use_dora)
+    if merge_weights and r > 0:
+        raise quant.QuantizedMergeError(
+            f"{cls.__name__}.from_module: merge_weights=True would merge the adapters into the 4-bit base weight "
+            "at eval(), which has no 4-bit form that equals dequantize(W4) + delta; pass merge_weights=False, and "
+            "write a merged bf16/float32 model with lora.phi3.merge_and_save when training is done")
+    if use_dora:
+        raise ValueError(f"{cls.__name__}.from_module: use_dora=True over a 4-bit base weight is not supported "
+                         "(DoRA's row norms of W + s B A would need the dequantized weight at every step); use plain "
+                         "LoRA on a 4-bit base, or DoRA on a bf16 one")
+
+
 def _init_adapters(layer: LoRALayer, a_shape: Sequence[int], b_shape: Sequence[int], dtype: torch.dtype) -> None:
     if 0 in (*a_shape, *b_shape):
         sizes = ", ".join(f"{name}={getattr(layer, name)}" for name in (
@@ -411,6 +456,7 @@ class Linear(LoRALayer, nn.Linear):
             raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
         _check_weight_layout(module, fan_in_fan_out)
         _check_dora(r, use_dora)
+        _check_quantized(cls, module, r, merge_weights, use_dora)
         layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         layer.fan_in_fan_out = fan_in_fan_out
         if r > 0:
@@ -424,6 +470,27 @@ class Linear(LoRALayer, nn.Linear):
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
         self.reset_lora_parameters()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Over a 4-bit base, the quant state beside the packed weight, under bnb's Linear4bit's names: a patched
+        # model's state dict holds what the unpatched one held, plus the adapters.
+        if quant.is_quantized(self.weight):
+            for key, value in quant.quant_state_entries(self.weight).items():
+                destination[f"{prefix}weight.{key}"] = value
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if quant.is_quantized(self.weight):  # the packed bytes were copied; their scales come with them
+            head = f"{prefix}weight."
+            entries = {key[len(head):]: value for key, value in state_dict.items() if key.startswith(head)}
+            if entries:
+                self.weight.quant_state = quant.quant_state_from_entries(entries, self.weight.device)
+                unexpected_keys[:] = [key for key in unexpected_keys if not key.startswith(head)]
 
     def reset_lora_parameters(self) -> None:
         """A as ``nn.Linear`` initialises its weight, B zero (and DoRA's magnitude the row norms of W): the
@@ -553,6 +620,8 @@ class Linear(LoRALayer, nn.Linear):
         self._check_input(x)
         if not self._uses_lora_path():
             weight = self._effective_weight()
+            if quant.is_quantized(weight):
+                return _linear4bit(x, weight, self.bias)
             return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
         custom_dropout = type(self.lora_dropout) not in (nn.Dropout, nn.Identity)
         p = self._lora_dropout_p()
@@ -624,14 +693,17 @@ class Linear(LoRALayer, nn.Linear):
         if self.use_dora and self.lora_magnitude.is_meta and not x.is_meta:
             raise RuntimeError(f"{name}: DoRA's lora_magnitude is on the meta device: load it (an adapter file) "
                                "or call layer.init_dora_magnitude() once the base weight is loaded")
-        if x.dtype != self.weight.dtype and not autocast_enabled(x.device):
-            raise TypeError(f"{name}: the input is {x.dtype} but the weight is {self.weight.dtype}; cast the input "
-                            f"(x.to({self.weight.dtype})) or run under torch.autocast")
+        dtype = quant.logical_dtype(self.weight)  # a 4-bit weight's: the dtype it dequantizes to
+        if x.dtype != dtype and not autocast_enabled(x.device):
+            raise TypeError(f"{name}: the input is {x.dtype} but the weight is {dtype}; cast the input "
+                            f"(x.to({dtype})) or run under torch.autocast")
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same maths with plain autograd ops (used for a custom ``lora_dropout`` module)."""
-        weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        result = F.linear(x, weight, self.bias)
+        if quant.is_quantized(self.weight):
+            result = _linear4bit(x, self.weight, self.bias)
+        else:
+            result = F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
         xa = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
         r = self.r
         parts, row = [], 0
@@ -643,6 +715,17 @@ class Linear(LoRALayer, nn.Linear):
         for offset, size, out_j in parts:
             delta[..., offset : offset + size] = out_j
         return result + (delta * self.scaling).to(result.dtype)
+
+
+def _linear4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequantize(W4).T + b`` by bitsandbytes' ``matmul_4bit``, whose autograd Function dequantizes again in
+    backward rather than saving the dequantized weight. Computes in ``compute_dtype(x)``, as the LoRA path does."""
+    bnb = quant.require_bitsandbytes()
+    dtype = compute_dtype(x)
+    with no_autocast(x.device):
+        x = x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        return bnb.matmul_4bit(x, weight, quant.quant_state_of(weight), bias=bias)
 
 
 class MergedLinear(Linear):
@@ -722,6 +805,7 @@ class MergedLinear(Linear):
             raise TypeError(f"MergedLinear.from_module expects an nn.Linear; got {type(module).__name__}")
         _check_weight_layout(module, fan_in_fan_out)
         check_hyperparameters(r, lora_alpha, lora_dropout)
+        _check_quantized(cls, module, r, merge_weights, use_dora)
         if enable_lora is None:
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)

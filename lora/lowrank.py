@@ -27,6 +27,11 @@ and the frozen GEMM accumulates onto it, so the sum is rounded once: a delta too
 ``dB`` are computed in float32 (sums over every token of a loss scaled by ``GradScaler`` overflow
 float16's 65504 long before float32); in bfloat16, which has float32's range, in bfloat16. Adapter
 gradients are returned in the adapters' dtype.
+
+A 4-bit base (a bitsandbytes ``Params4bit``: packed uint8 and a ``quant_state``) goes into the Function as it
+is, with its quant state: the forward dequantizes it into a temporary in the compute dtype for the frozen GEMM
+and frees it, and the backward dequantizes it again for ``dx``. Only the packed weight is saved (a quarter of
+bf16's bytes); an ordinary weight takes exactly the path it took before.
 """
 
 from __future__ import annotations
@@ -136,10 +141,11 @@ class _LowRankLinear(torch.autograd.Function):
     # autocast off, since the dtypes below are chosen by hand.
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None,
+                quant_state=None):
         with no_autocast(x.device):
             return _LowRankLinear._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices,
-                                           fan_in_fan_out, col_scale)
+                                           fan_in_fan_out, col_scale, quant_state)
 
     @staticmethod
     def backward(ctx, dy):
@@ -147,10 +153,13 @@ class _LowRankLinear(torch.autograd.Function):
             return _LowRankLinear._backward(ctx, dy)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale):
+    def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
+                 quant_state):
         # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order;
-        # col_scale: DoRA's m / n for those columns (in B's row order), or None
+        # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
+        # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward)
         dtype = x.dtype
+        frozen = weight if quant_state is None else _dequantized(weight, quant_state, dtype)
         wide = torch.promote_types(dtype, torch.float32)
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
@@ -171,7 +180,7 @@ class _LowRankLinear(torch.autograd.Function):
         # sum, and one pass over y fewer than adding the adapters' output afterwards. When the slices cover
         # every column and there is no bias, the first write ignores y's contents (beta = 0), so y needs no
         # initialisation.
-        n, out = x.shape[0], weight.shape[1 if fan_in_fan_out else 0]
+        n, out = x.shape[0], frozen.shape[1 if fan_in_fan_out else 0]
         first_bias = None if col_scale is not None else bias  # DoRA scales W x + s B A x, not the bias
         covered = first_bias is None and sum(size for _, size in slices) == out
         if covered:
@@ -187,7 +196,8 @@ class _LowRankLinear(torch.autograd.Function):
             y[:, offset : offset + size].addmm_(xa[:, j * r : (j + 1) * r], B[row : row + size].t(), beta=beta,
                                                 alpha=scaling)
             row += size
-        y.addmm_(x, weight if fan_in_fan_out else weight.t())
+        y.addmm_(x, frozen if fan_in_fan_out else frozen.t())
+        del frozen  # a 4-bit weight's dequantized copy dies here: backward dequantizes again
         unscaled = None
         if col_scale is not None:
             # DoRA: y = c * (W x + s B A x) + b per adapted column. Its gradient for c needs W x + s B A x,
@@ -202,6 +212,7 @@ class _LowRankLinear(torch.autograd.Function):
                               y if col_scale is not None and unscaled is None else unscaled, bias)
         ctx.scaling, ctx.p, ctx.slices, ctx.fan_in_fan_out = scaling, p, slices, fan_in_fan_out
         ctx.has_bias, ctx.saved_unscaled = bias is not None, unscaled is not None
+        ctx.quant_state = quant_state
         return y
 
     @staticmethod
@@ -243,6 +254,8 @@ class _LowRankLinear(torch.autograd.Function):
         dA = (dropped_x.t().to(grad_dtype) @ g.to(grad_dtype)).t().to(lora_A.dtype)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
+            if ctx.quant_state is not None:
+                weight = _dequantized(weight, ctx.quant_state, dtype)
             frozen = weight.t() if ctx.fan_in_fan_out else weight
             if positions is None and dtype in (torch.bfloat16, torch.float16):
                 # In 16 bits the frozen GEMM runs faster writing (beta = 0) than accumulating, and the skinny
@@ -261,7 +274,13 @@ class _LowRankLinear(torch.autograd.Function):
             dweight = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy_out.sum(0)
-        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale
+        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None
+
+
+def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    from lora.quant import dequantize  # bitsandbytes is imported only for a 4-bit weight
+
+    return dequantize(packed, quant_state).to(dtype)
 
 
 def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> None:
@@ -326,8 +345,14 @@ def lowrank_linear(
     """
     dtype = compute_dtype(x)
     # Casts outside the Function, so that autograd takes dx (and a trainable weight's gradient) back to
-    # the caller's dtype; each is a no-op when the dtype already fits.
-    x, weight = x.to(dtype), weight.to(dtype)
+    # the caller's dtype; each is a no-op when the dtype already fits. A packed 4-bit weight (a uint8
+    # bitsandbytes Params4bit) goes in as it is: the Function dequantizes it straight into the compute dtype.
+    quant_state = None
+    if weight.is_floating_point():
+        weight = weight.to(dtype)
+    else:
+        quant_state = _quant_state(weight, fan_in_fan_out)
+    x = x.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
@@ -336,5 +361,14 @@ def lowrank_linear(
         raise ValueError("lowrank_linear: col_scale (DoRA) is only computed here without dropout (p=0); "
                          f"got p={p}")
     y = _LowRankLinear.apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out,
-                             col_scale)
+                             col_scale, quant_state)
     return y.view(*lead, y.shape[-1])
+
+
+def _quant_state(weight: torch.Tensor, fan_in_fan_out: bool):
+    from lora.quant import quant_state_of
+
+    state = quant_state_of(weight)
+    if fan_in_fan_out:
+        raise ValueError("lowrank_linear: a 4-bit weight is stored as (out, in); fan_in_fan_out=True does not apply")
+    return state

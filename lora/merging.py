@@ -13,7 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .layers import LoRALayer
+from . import quant
+from .layers import LoRALayer, _refuse_quantized_merge
 
 __all__ = ["merge_lora", "unmerge_lora", "merged", "merged_state_dict", "disable_adapters"]
 
@@ -27,9 +28,13 @@ def _lora_layers(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator
 def merge_lora(model: nn.Module) -> nn.Module:
     """Make every LoRA layer of ``model`` compute with ``W + delta``. Idempotent; returns ``model``.
 
-    Costs one weight-sized tensor per adapted layer until ``unmerge_lora``.
+    Costs one weight-sized tensor per adapted layer until ``unmerge_lora``. Refused, before any layer merges,
+    when a layer's base is 4-bit (``lora.quant.QuantizedMergeError``; ``merged_state_dict`` works there).
     """
-    for _, layer in _lora_layers(model):
+    layers = [layer for _, layer in _lora_layers(model)]
+    for layer in layers:
+        _refuse_quantized_merge(layer, "merge_lora")
+    for layer in layers:
         layer.merge()
     return model
 
@@ -78,8 +83,18 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     A pure function: ``model`` is not modified. ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``) are left
     out, so the result loads into the original architecture (``nn.Linear`` in place of ``lora.Linear``). This replaces
     loralib's habit of calling ``model.eval()`` and saving ``model.state_dict()``.
+
+    Every 4-bit (bitsandbytes) weight, adapted or not, comes out dequantized, in the dtype it dequantizes to
+    (``dequantize(W4) + delta`` where adapted), without its quant-state keys: a plain bf16/float32 state dict.
     """
     state = model.state_dict()
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if quant.is_quantized(weight) and not isinstance(module, LoRALayer):
+            head = f"{name}.weight" if name else "weight"
+            for key in [k for k in state if k.startswith(head + ".")]:
+                del state[key]
+            state[head] = quant.dequantize(weight)
     merged_weights: dict[int, torch.Tensor] = {}
     # every name a shared layer has, as state_dict() lists them all; its merged weight is computed once
     for name, layer in _lora_layers(model, remove_duplicate=False):
@@ -88,6 +103,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         if id(layer) not in merged_weights:
             merged_weights[id(layer)] = layer.merged_weight_tensor()
+        for key in [k for k in state if k.startswith(prefix + "weight.")]:
+            del state[key]  # a 4-bit base's quant state: the merged weight is plain
         state[prefix + "weight"] = merged_weights[id(layer)]
         del state[prefix + "lora_A"], state[prefix + "lora_B"]
         state.pop(prefix + "lora_magnitude", None)  # DoRA's, folded into the weight too

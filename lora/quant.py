@@ -1,0 +1,178 @@
+"""4-bit base weights (QLoRA): bitsandbytes' NF4/FP4 ``Params4bit``, recognised and dequantized here.
+
+A quantized projection is bitsandbytes' own ``bnb.nn.Linear4bit``: its ``weight`` is a ``Params4bit``, a
+uint8 tensor of shape ``(out * in / 2, 1)`` (two 4-bit codes a byte) with a ``quant_state`` holding the
+per-block scales (``absmax``, one per block of 64 weights, themselves quantized to 8 bits with
+``double_quant``), the code book, the logical ``(out, in)`` shape and the dtype it was quantized from. Using
+bitsandbytes' classes rather than our own keeps its kernels, its ``.to("cuda")`` semantics and
+transformers' serialisation (``weight.absmax``, ``weight.quant_map``, ... keys; ``quantization_config``).
+
+bitsandbytes is optional (``pip install "purelora[qlora]"``) and imported only when a weight is quantized
+or a quantization is asked for: the rest of ``lora`` never needs it.
+
+>>> packed = quantize_weight(torch.randn(64, 32), quant_type="nf4")  # doctest: +SKIP
+>>> dequantize(packed).shape                                          # doctest: +SKIP
+torch.Size([64, 32])
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BLOCKSIZE",
+    "QUANT_TYPES",
+    "QuantizedMergeError",
+    "check_quantizable",
+    "dequantize",
+    "is_quantized",
+    "linear4bit",
+    "logical_dtype",
+    "logical_shape",
+    "quant_state_entries",
+    "quant_state_from_entries",
+    "quant_state_of",
+    "quantize_weight",
+    "require_bitsandbytes",
+]
+
+# bitsandbytes' default block (and the QLoRA paper's): one absmax scale per 64 weights.
+BLOCKSIZE = 64
+QUANT_TYPES = ("nf4", "fp4")
+QuantType = Literal["nf4", "fp4"]
+EXTRA = 'pip install "purelora[qlora]" (or pip install bitsandbytes)'
+
+
+class QuantizedMergeError(RuntimeError):
+    """An in-model merge was asked of a layer whose base weight is 4-bit: ``W + delta`` has no 4-bit form that
+    equals it, and rounding it back to 4 bits would change the model; use ``lora.phi3.merge_and_save``."""
+
+
+def require_bitsandbytes() -> ModuleType:
+    """``bitsandbytes``, imported now; an ``ImportError`` naming the ``qlora`` extra when it is missing."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(f"4-bit (QLoRA) base weights need bitsandbytes, which is not installed: {EXTRA}") from err
+    return bitsandbytes
+
+
+def is_quantized(weight: Any) -> bool:
+    """Whether ``weight`` is a packed 4-bit bitsandbytes weight (a tensor with a ``quant_state``).
+
+    Cheap for ordinary weights: a floating-point tensor is answered by its dtype alone.
+    """
+    return (isinstance(weight, torch.Tensor) and not weight.is_floating_point()
+            and getattr(weight, "quant_state", None) is not None)
+
+
+def quant_state_of(weight: torch.Tensor) -> Any:
+    """The bitsandbytes ``QuantState`` of a packed weight; a ``TypeError`` for anything else."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        raise TypeError(f"expected a bitsandbytes 4-bit weight (Params4bit with a quant_state); got a "
+                        f"{type(weight).__name__} of dtype {weight.dtype}")
+    return state
+
+
+def logical_shape(weight: torch.Tensor) -> torch.Size:
+    """The (out, in) shape a weight computes with: its own, or the one a packed 4-bit weight was quantized from."""
+    return quant_state_of(weight).shape if is_quantized(weight) else weight.shape
+
+
+def logical_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a weight computes in: its own, or the one a packed 4-bit weight dequantizes to."""
+    return quant_state_of(weight).dtype if is_quantized(weight) else weight.dtype
+
+
+def _unpacked_for_cpu(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    # bnb's Linear4bit repacks its weight in place into an AVX512-BF16 layout the first time it runs in eval mode
+    # without grad on such a CPU; dequantize_4bit reads only the standard layout, so undo it (a copy).
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        return _convert_weight_packed_for_cpu_inverse(data, state)
+    return data, state
+
+
+def dequantize(weight: torch.Tensor, state: Any = None) -> torch.Tensor:
+    """The (out, in) weight a packed 4-bit one stands for, in its ``logical_dtype``: a new tensor each call.
+
+    ``state`` defaults to ``weight.quant_state`` (pass it where ``weight`` is the packed data alone, as
+    autograd hands saved tensors back). Costs one pass over the weight (bitsandbytes' kernel).
+    """
+    bnb = require_bitsandbytes()
+    state = quant_state_of(weight) if state is None else state
+    data, state = _unpacked_for_cpu(weight.detach(), state)
+    return bnb.functional.dequantize_4bit(data, state)
+
+
+def quant_state_entries(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes (and transformers) save beside a packed weight, by name under ``weight.``:
+    ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``, ``quant_state.bitsandbytes__nf4``
+    (the last one a JSON blob of the shape, dtype, block size and type, as uint8)."""
+    state = quant_state_of(weight)
+    if getattr(state, "packing_format_for_cpu", False):  # back to the standard layout, as bnb's Linear4bit does
+        weight.data, weight.quant_state = _unpacked_for_cpu(weight.data, state)
+        state = weight.quant_state
+    return {key: value.detach() for key, value in state.as_dict(packed=True).items()}
+
+
+def quant_state_from_entries(entries: dict[str, torch.Tensor], device: torch.device | str) -> Any:
+    """A bitsandbytes ``QuantState`` rebuilt from ``quant_state_entries``' tensors (keys without ``weight.``)."""
+    bnb = require_bitsandbytes()
+    return bnb.functional.QuantState.from_dict(qs_dict=dict(entries), device=torch.device(device))
+
+
+def check_quantizable(name: str, shape: tuple[int, ...], quant_type: Any, *, blocksize: int = BLOCKSIZE) -> None:
+    """Raise ``ValueError`` unless ``quant_type`` is known and ``blocksize`` divides the weight ``name``'s size."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quantize={quant_type!r} is not a 4-bit type; expected one of {', '.join(QUANT_TYPES)} "
+                         "(or None for no quantization)")
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    if numel % blocksize:
+        raise ValueError(f"{name}: {tuple(shape)} holds {numel} weights, which blocks of {blocksize} do not divide; "
+                         f"4-bit quantization needs a multiple of {blocksize} (leave this model unquantized)")
+
+
+def quantize_weight(
+    weight: torch.Tensor, *, quant_type: QuantType = "nf4", double_quant: bool = True, blocksize: int = BLOCKSIZE
+) -> nn.Parameter:
+    """A frozen bitsandbytes ``Params4bit`` holding ``weight`` (out, in) in 4 bits, on ``weight``'s device.
+
+    ``double_quant`` quantizes the per-block scales too (bitsandbytes' ``compress_statistics``): 0.127 bits less
+    per weight. The packed weight dequantizes to ``weight``'s dtype.
+    """
+    check_quantizable("weight", tuple(weight.shape), quant_type, blocksize=blocksize)
+    bnb = require_bitsandbytes()
+    packed, state = bnb.functional.quantize_4bit(
+        weight.detach().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
+                             compress_statistics=double_quant, quant_type=quant_type, bnb_quantized=True)
+
+
+def linear4bit(
+    weight: nn.Parameter, bias: torch.Tensor | None, *, compute_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """bitsandbytes' ``Linear4bit`` around a packed ``weight`` (from ``quantize_weight`` or a saved checkpoint).
+
+    ``compute_dtype`` (transformers' ``bnb_4bit_compute_dtype``) defaults to the dtype the weight dequantizes to.
+    """
+    bnb = require_bitsandbytes()
+    state = quant_state_of(weight)
+    out_features, in_features = state.shape
+    with torch.device("meta"):  # no throwaway (out, in) allocation
+        module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
+                                   compute_dtype=compute_dtype or state.dtype, quant_type=state.quant_type,
+                                   compress_statistics=state.nested)
+    weight.module = module
+    module.weight = weight
+    module.quant_state = state
+    module.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return module
