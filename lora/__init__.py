@@ -26,6 +26,7 @@ from .layers import (
     check_lora_shapes_on_load,
 )
 from .merging import disable_adapters, merge_lora, merged, merged_state_dict, unmerge_lora
+from .quant import QuantizedMergeError
 from .trainable import lora_parameter_names, lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "AdapterMismatchError",
+    "QuantizedMergeError",
 ]
 
 

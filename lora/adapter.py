@@ -6,7 +6,8 @@ The header metadata (strings, as safetensors requires) holds:
 - ``layers``: JSON, for each adapted module its class, ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, dropout and,
   for a ``MergedLinear``, its ``split_sizes`` and ``enable_lora``;
 - ``fingerprint``: JSON, the base model's architecture fields (from ``model.config`` when it has one) and
-  the name, shape and dtype of every adapted weight.
+  the name, shape and dtype of every adapted weight: for a 4-bit (QLoRA) base the logical (out, in) shape and
+  the dtype it computes in, so a QLoRA adapter loads onto the bf16 base and the other way round.
 
 Loading checks the layout (every tensor's name and shape, every module's r/alpha/slices) before it copies
 anything, then the fingerprint; nothing is read with pickle.
@@ -25,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import quant
 from .atomic import atomic_write
 from .layers import LoRALayer, MergedLinear
 from .sharding import shard_like, writes_files
@@ -80,11 +82,12 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The base model's architecture fields and the name, shape and dtype of every adapted weight."""
+    """The base model's architecture fields and the name, shape and dtype of every adapted weight (a 4-bit
+    weight's logical (out, in) shape and the dtype it dequantizes to, not its packed uint8 storage)."""
     config = _config_dict(getattr(model, "config", None))
     architecture = {key: config.get(key) for key in ARCHITECTURE_FIELDS if key in config}
     weights = {
-        name: [list(layer.weight.shape), str(layer.weight.dtype).removeprefix("torch.")]
+        name: [list(quant.logical_shape(layer.weight)), str(quant.logical_dtype(layer.weight)).removeprefix("torch.")]
         for name, layer in _lora_layers(model)
     }
     return {"architecture": architecture, "weights": weights}

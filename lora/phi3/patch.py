@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora import quant
 from lora.layers import Linear, LoRALayer, MergedLinear, check_flags, check_hyperparameters, check_lora_shapes_on_load
 
 __all__ = ["DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "patch"]
@@ -188,8 +189,10 @@ def apply_specs(model: nn.Module, specs: Sequence[ModuleSpec], adapter_dtype: to
     modules = dict(model.named_modules())
     for spec in specs:
         module = modules.get(spec.name)
-        if type(module) is not nn.Linear:
-            raise TypeError(f"{spec.name}: expected an nn.Linear to patch, found {type(module).__name__}")
+        # a plain nn.Linear, or bitsandbytes' 4-bit Linear4bit (QLoRA: ours or transformers' quantized load)
+        if type(module) is not nn.Linear and not (isinstance(module, nn.Linear) and quant.is_quantized(module.weight)):
+            raise TypeError(f"{spec.name}: expected an nn.Linear (or a bitsandbytes Linear4bit) to patch, found "
+                            f"{type(module).__name__}")
         if spec.split_sizes is not None and sum(spec.split_sizes) != module.out_features:
             raise ValueError(f"{spec.name}: the config's slices {spec.split_sizes} do not add up to its "
                              f"{module.out_features} output features")
