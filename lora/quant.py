@@ -81,7 +81,7 @@ def quant_state_of(weight: torch.Tensor) -> Any:
 
 def logical_shape(weight: torch.Tensor) -> torch.Size:
     """The (out, in) shape a weight computes with: its own, or the one a packed 4-bit weight was quantized from."""
-    return quant_state_of(weight).shape if is_quantized(weight) else weight.shape
+    return torch.Size(quant_state_of(weight).shape) if is_quantized(weight) else weight.shape
 
 
 def logical_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -129,16 +129,15 @@ def quant_state_from_entries(entries: dict[str, torch.Tensor], device: torch.dev
 
 
 def check_quantizable(name: str, shape: tuple[int, ...], quant_type: Any, *, blocksize: int = BLOCKSIZE) -> None:
-    """Raise ``ValueError`` unless ``quant_type`` is known and ``blocksize`` divides the weight ``name``'s size."""
+    """Raise ``ValueError`` unless ``quant_type`` is known and ``blocksize`` divides each row of the (out, in)
+    weight ``name``: bitsandbytes' CPU kernel (the AVX512-BF16 layout its ``Linear4bit`` switches to in
+    inference) reads every row as whole blocks, and a block spanning two rows would mix their scales."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quantize={quant_type!r} is not a 4-bit type; expected one of {', '.join(QUANT_TYPES)} "
                          "(or None for no quantization)")
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    if numel % blocksize:
-        raise ValueError(f"{name}: {tuple(shape)} holds {numel} weights, which blocks of {blocksize} do not divide; "
-                         f"4-bit quantization needs a multiple of {blocksize} (leave this model unquantized)")
+    if len(shape) != 2 or shape[1] % blocksize:
+        raise ValueError(f"{name}: a weight of shape {tuple(shape)} cannot be quantized in blocks of {blocksize}: "
+                         f"its in_features must be a multiple of {blocksize} (leave this model unquantized)")
 
 
 def quantize_weight(
@@ -171,6 +170,11 @@ def linear4bit(
         module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
                                    compute_dtype=compute_dtype or state.dtype, quant_type=state.quant_type,
                                    compress_statistics=state.nested)
+    # bnb's Linear4bit repacks its weight for an AVX512-BF16 kernel at its first eval-mode forward without grad
+    # on such a CPU, and that kernel computes in bf16 whatever the model's dtype (logits 1e-2 off in a float32
+    # tiny Phi-3). Off here: the unadapted projections compute as the LoRA layers do, dequantized, in the
+    # model's dtype, so a merged model and base + adapters can be compared to float32 precision.
+    module.support_avx512bf16_for_cpu = False
     weight.module = module
     module.weight = weight
     module.quant_state = state

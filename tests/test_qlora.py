@@ -194,8 +194,9 @@ def test_input_dtype_and_autocast():
 def test_quantize_errors_and_missing_bitsandbytes(monkeypatch):
     with pytest.raises(ValueError, match=re.escape("quantize='int4' is not a 4-bit type; expected one of nf4, fp4")):
         quant.quantize_weight(torch.randn(64, 64), quant_type="int4")
-    with pytest.raises(ValueError, match=re.escape("(10, 10) holds 100 weights, which blocks of 64 do not divide")):
-        quant.quantize_weight(torch.randn(10, 10))
+    with pytest.raises(ValueError, match=re.escape("weight: a weight of shape (64, 96) cannot be quantized in blocks "
+                                                   "of 64: its in_features must be a multiple of 64")):
+        quant.quantize_weight(torch.randn(64, 96))
     real_import = builtins.__import__
 
     def no_bitsandbytes(name, *args, **kwargs):

@@ -5,10 +5,16 @@ the model is never held twice in memory. Before the directory is renamed into pl
 checkpoint is loaded back (memory-mapped) and its logits on a fixed probe batch are compared with the
 adapted model's; a difference beyond the dtype's tolerance raises instead of leaving a merged model
 that behaves differently from adapter + base.
+
+On a 4-bit (QLoRA) base every projection is written as ``dequantize(W4) + delta`` in the dtype the 4-bit
+weights dequantize to (bf16 or float32): the weights the adapters were trained against, in a plain checkpoint
+without ``quantization_config``. The check then compares that plain model's logits with the 4-bit model +
+adapters, at the same tolerances: what differs is one rounding of ``W + delta`` to the weight's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora import quant
 from lora.atomic import atomic_directory
 from lora.layers import LoRALayer
 from lora.phi3.checkpoint import _parse_size, from_pretrained
@@ -45,6 +52,9 @@ class MergeVerificationError(RuntimeError):
 def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, Callable[[], torch.Tensor]]]:
     """(name, shape, dtype, produce) for every tensor of the plain checkpoint, in state-dict order."""
     lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    # 4-bit weights (adapted or not) by their name: written dequantized, their quant-state keys left out
+    packed = {f"{name}.weight": m.weight for name, m in model.named_modules()
+              if quant.is_quantized(m._parameters.get("weight"))}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     plan = []
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -53,12 +63,17 @@ def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, C
             continue
         if tied and name == "lm_head.weight":
             continue
+        if any(name.startswith(weight + ".") for weight in packed):
+            continue  # `<weight>.absmax` and the rest of a 4-bit weight's quant state
         layer = lora_layers.get(module_name)
-        if layer is not None and leaf == "weight" and layer.has_lora:
+        shape, dtype = quant.logical_shape(tensor), quant.logical_dtype(tensor)
+        if layer is not None and leaf == "weight" and (layer.has_lora or name in packed):
             produce = layer.merged_weight_tensor
+        elif name in packed:
+            produce = functools.partial(quant.dequantize, packed[name])
         else:
             produce = tensor.detach
-        plan.append((name, tensor.shape, tensor.dtype, produce))
+        plan.append((name, shape, dtype, produce))
     return plan
 
 
@@ -165,6 +180,7 @@ def merge_and_save(
             if len(dtypes) == 1:
                 config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
             config.pop("torch_dtype", None)
+            config.pop("quantization_config", None)  # a 4-bit base is written dequantized, + delta
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             source = getattr(model, "name_or_path", None)
             source = Path(source) if source and Path(source).is_dir() else None

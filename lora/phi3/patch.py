@@ -22,7 +22,7 @@ from torch import nn
 from lora import quant
 from lora.layers import Linear, LoRALayer, MergedLinear, check_flags, check_hyperparameters, check_lora_shapes_on_load
 
-__all__ = ["DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "patch"]
+__all__ = ["DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "is_patchable", "patch"]
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # module name -> (parent attribute in a decoder layer, names of its output slices)
@@ -86,6 +86,11 @@ class PatchSummary:
             lines.append(f"{module:<36} {span:>8} {slices:<10} {str(a):>14} {str(b):>14} {count:>12,}")
         lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({self.percent:.4f}%)")
         return "\n".join(lines)
+
+
+def is_patchable(module: object) -> bool:
+    """A plain ``nn.Linear``, or bitsandbytes' 4-bit ``Linear4bit`` (QLoRA: ours or transformers' quantized load)."""
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear) and quant.is_quantized(module.weight))
 
 
 def _config_value(config: object, name: str) -> int | None:
@@ -189,8 +194,7 @@ def apply_specs(model: nn.Module, specs: Sequence[ModuleSpec], adapter_dtype: to
     modules = dict(model.named_modules())
     for spec in specs:
         module = modules.get(spec.name)
-        # a plain nn.Linear, or bitsandbytes' 4-bit Linear4bit (QLoRA: ours or transformers' quantized load)
-        if type(module) is not nn.Linear and not (isinstance(module, nn.Linear) and quant.is_quantized(module.weight)):
+        if not is_patchable(module):
             raise TypeError(f"{spec.name}: expected an nn.Linear (or a bitsandbytes Linear4bit) to patch, found "
                             f"{type(module).__name__}")
         if spec.split_sizes is not None and sum(spec.split_sizes) != module.out_features:

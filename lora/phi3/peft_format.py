@@ -27,7 +27,7 @@ from torch import nn
 
 from lora.atomic import atomic_directory
 from lora.layers import Linear, LoRALayer, MergedLinear
-from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs
+from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs, is_patchable
 from lora.sharding import full_tensor, is_sharded, shard_like, writes_files
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "peft_tensors"]
@@ -316,8 +316,9 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
                          "(lora.phi3.fsdp.from_pretrained_sharded(prepare=...)), then load the adapter")
     if not patched:
         for module in sorted(pairs):
-            if type(named.get(module)) is not nn.Linear:
-                raise ValueError(f"{path}: adapter module {module!r} is not an nn.Linear of this model")
+            if not is_patchable(named.get(module)):
+                raise ValueError(f"{path}: adapter module {module!r} is not an nn.Linear (or a bitsandbytes "
+                                 "Linear4bit) of this model")
         specs = []
         for module, pair in sorted(pairs.items()):
             rank = pair["A"].shape[0]
