@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 examples/train_phi3.py ...            # DDP: gloo on CPU, nccl on GPU
     torchrun --nproc_per_node 2 examples/train_phi3.py ... --fsdp     # FSDP2: each process holds 1/N of the model
     python examples/train_phi3.py --resume runs/phi3-lora/checkpoints/step-000100
+    python examples/train_phi3.py --model Phi-3-mini-4k-instruct --dtype bfloat16 --load-in-4bit  # QLoRA (NF4)
 
 Only the LoRA adapters train (AdamW, warmup + cosine, accumulation, clipping); the loss covers assistant
 tokens only, each turn's `<|end|>` included. Output (rank 0 only): metrics.jsonl, checkpoints/step-N/
@@ -62,6 +63,7 @@ from lora.phi3.data import Example, collate, encode_conversations, pack_examples
 from lora.phi3.fsdp import from_pretrained_sharded, root_unsharded
 from lora.phi3.patch import PatchSummary
 from lora.phi3.tokenizer import ByteTokenizer, load_tokenizer
+from lora.quant import require_bitsandbytes
 from lora.sharding import full_tensor
 
 HERE = Path(__file__).resolve().parent
@@ -106,6 +108,11 @@ training_config: dict[str, Any] = {
     "merge": False,
     "progress": True,
     "fsdp": False,
+    # QLoRA (transformers' BitsAndBytesConfig names; defaults as lora.phi3.from_pretrained's): the four projections
+    # stored in 4 bits, dequantized to --dtype on the fly; needs the qlora extra (bitsandbytes)
+    "load_in_4bit": False,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True,
 }
 peft_config: dict[str, Any] = {
     "r": 16,
@@ -194,6 +201,12 @@ HELP = {
     "progress": "show a tqdm progress bar (when tqdm is installed); else log lines",
     "fsdp": "under torchrun: shard the base and the adapters across the processes with FSDP2 (each holds 1/N) "
             "instead of replicating them with DDP",
+    "load_in_4bit": "QLoRA: store the four projections of every layer in 4 bits (bitsandbytes, pip install "
+                    "'purelora[qlora]'); they dequantize to --dtype, which embeddings, norms and lm_head keep. "
+                    "On a GPU pass --device cuda (bitsandbytes' CUDA kernels); not with --fsdp or --use-dora",
+    "bnb_4bit_quant_type": "4-bit data type with --load-in-4bit: nf4 (NormalFloat, QLoRA's) or fp4",
+    "bnb_4bit_use_double_quant": "with --load-in-4bit, quantize the per-block scales too (0.127 bits less per "
+                                 "weight, as the QLoRA notebooks set it)",
     "r": "LoRA rank",
     "lora_alpha": "LoRA alpha: the update is (alpha / r) * B @ A",
     "lora_dropout": "dropout on the adapters' input",
@@ -210,6 +223,7 @@ CHOICES = {
     "chat_template": ("auto", *TEMPLATES),
     "bias": ("none",),
     "task_type": ("CAUSAL_LM",),
+    "bnb_4bit_quant_type": ("nf4", "fp4"),
 }
 # Settings that may change when resuming: where things go and how they are shown, not what is computed; and
 # the length of the run (a larger --max-steps extends a finished run, the schedule re-planned for the new total).
@@ -399,6 +413,15 @@ def check_config(config: dict[str, Any]) -> None:
         raise ValueError("--fsdp with --use-dora is not supported: DoRA starts its magnitude from each whole row of "
                          "the base weight, which a sharded load never holds; train DoRA with DDP (torchrun without "
                          "--fsdp)")
+    if config["load_in_4bit"]:
+        for key in ("fsdp", "use_dora"):
+            if config[key]:
+                raise ValueError(f"--load-in-4bit with {option_name(key)} is not supported: "
+                                 + ("FSDP2 shards each parameter along its rows, which a packed 4-bit weight and its "
+                                    "block scales do not allow; train QLoRA with DDP (torchrun without --fsdp)"
+                                    if key == "fsdp" else "DoRA needs the row norms of the dequantized weight at every "
+                                    "step; use plain LoRA on a 4-bit base, or DoRA on a bf16 one"))
+        require_bitsandbytes()  # an ImportError naming the qlora extra, before anything is loaded
     if config["fsdp"] and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("--fsdp shards the model across processes: run the script under torchrun with two or more "
                          "(torchrun --nproc_per_node N examples/train_phi3.py ... --fsdp)")
@@ -469,14 +492,17 @@ def embedded_model_dir() -> Path:
     return EMBEDDED_DIR
 
 
-def load_model(path: Path, dtype: str, device: torch.device) -> Phi3ForCausalLM:
-    """`from_pretrained`, with errors that say what a Phi-3 directory is."""
+def load_model(path: Path, config: dict[str, Any], device: torch.device) -> Phi3ForCausalLM:
+    """`from_pretrained` (4-bit with --load-in-4bit), with errors that say what a Phi-3 directory is."""
     if not path.is_dir():
         raise ValueError(f"--model {path}: not a directory")
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json; expected a Phi-3 checkpoint directory")
+    dtype = None if config["dtype"] == "auto" else config["dtype"]
+    quantize = config["bnb_4bit_quant_type"] if config["load_in_4bit"] else None
     try:
-        return from_pretrained(path, dtype=None if dtype == "auto" else dtype, device=device)
+        return from_pretrained(path, dtype=dtype, device=device, quantize=quantize,
+                               double_quant=config["bnb_4bit_use_double_quant"])
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"--model {path}: not a loadable Phi-3 checkpoint: {err}") from err
 
@@ -800,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     if config["fsdp"]:
         model, summary = load_sharded_model(model_dir, config, device)
     else:
-        model = load_model(model_dir, config["dtype"], device)
+        model = load_model(model_dir, config, device)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"--model {model_dir}: tokenizer has {tokenizer.vocab_size} ids, the model "
@@ -1052,7 +1078,7 @@ def write_outputs(work: Path, model: Phi3ForCausalLM, model_dir: Path, config: d
     if config["merge"]:
         # merge_and_save copies the base's tokenizer files (byte_tokenizer.json for the embedded model).
         if config["fsdp"]:
-            model = load_model(model_dir, config["dtype"], torch.device("cpu"))
+            model = load_model(model_dir, config, torch.device("cpu"))
             patch_model(model, config)
             lora.load_adapter(model, work / "adapter.safetensors")
         difference = merge_and_save(model, work / "merged", overwrite=True)

@@ -36,6 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from lora.adapter import load_adapter, save_adapter
+from lora.layers import LoRALayer
 from lora.phi3.model import Phi3ForCausalLM
 from lora.phi3.peft_format import save_peft_adapter
 
@@ -47,6 +48,10 @@ ADAPTER_NAME = "adapter.safetensors"
 
 def _adapted_model(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, TrainerModel) else model
+
+
+def _has_trainable_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALayer) and m.has_lora and m.lora_A.requires_grad for m in model.modules())
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -63,7 +68,24 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 
 class LoRATrainerMixin:
-    """Put before a ``transformers.Trainer`` subclass: its checkpoints and final save hold adapters only."""
+    """Put before a ``transformers.Trainer`` subclass: its checkpoints and final save hold adapters only.
+
+    QLoRA: transformers' 4-bit model (``BitsAndBytesConfig(load_in_4bit=True)``) patched with ``lora.phi3.patch``
+    trains too. ``Trainer.__init__`` refuses a quantized model without PEFT adapters ("purely quantized"); ours are
+    trainable adapters as PEFT's would be, so for that check only the model is marked as carrying adapters.
+    """
+
+    def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
+        adapted = _adapted_model(model) if model is not None else None
+        vouch = (adapted is not None and getattr(adapted, "is_quantized", False)
+                 and not getattr(adapted, "_hf_peft_config_loaded", False) and _has_trainable_adapters(adapted))
+        if vouch:
+            adapted._hf_peft_config_loaded = True  # what transformers' validate_quantization_for_training reads
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            if vouch:  # transformers' save_pretrained reads it as "PEFT's adapters are loaded": not ours
+                adapted._hf_peft_config_loaded = False
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
