@@ -15,7 +15,7 @@ in a fresh process (peak RSS is the process's):
 
 The compute dtype is bf16 where the CPU has native bf16 (avx512_bf16 or amx_bf16), else float32 (said so).
 
-    flock /tmp/fullsize.lock python benchmarks/qlora.py   # full size: ~8 GB of RAM, 12 GB of disk, 10-20 min
+    flock /tmp/fullsize.lock python benchmarks/qlora.py   # full size: ~8 GB of RAM, 11 GB of disk, 10-20 min
     python benchmarks/qlora.py --quick                    # tiny config, in one process, targets not checked
 """
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from phi3_load import FULL, QUICK, write_checkpoint  # noqa: E402
 
-STEP_LAYERS = 8
+STEP_LAYERS = 4
 SEQ, BATCH = 128, 4
 R, ALPHA, DROPOUT = 16, 32, 0.05
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -187,20 +187,21 @@ def main() -> int:
             print(f"| {label:<34} | {row['load_s']:>8.1f} | {row['rss'] / 1e9:>11.2f} | "
                   f"{row['rss'] / weight_bytes:>18.3f} |")
         print(f"model in memory: {quantized['bytes'] / 1e9:.2f} GB ({quantized['bytes'] / weight_bytes:.3f}x the bf16 "
-              f"weights); save_pretrained of it: {quantized['save_s']:.1f} s")
+              f"weights); save_pretrained of it: {quantized['save_s']:.1f} s", flush=True)
 
-        results = {variant: run_child(["step", variant, str(small), dtype, steps], args.quick) for variant in STEPS}
         print(f"\ntrain step: {layers} of {json.loads((full / 'config.json').read_text())['num_hidden_layers']} "
               f"decoder layers at full width, batch {BATCH} x seq {SEQ}, gradient checkpointing, r {R}, alpha "
               f"{ALPHA}, dropout {DROPOUT}, {dtype}; median of {steps} step(s) after one warm-up")
         header = f"| {'variant':<22} | {'step s':>8} | {'x ours bf16':>11} | {'first loss':>10} |"
         print(header)
-        print("|" + "|".join("-" * len(part) for part in header.split("|")[1:-1]) + "|")
-        floor = results["ours-bf16"]["step_s"]
+        print("|" + "|".join("-" * len(part) for part in header.split("|")[1:-1]) + "|", flush=True)
         labels = {"ours-bf16": "ours, bf16 base", "ours-nf4": "ours, NF4 base", "peft-nf4": "PEFT, bnb NF4 base"}
-        for variant, row in results.items():
+        results = {}
+        for variant in STEPS:  # each row as soon as it is measured
+            row = results[variant] = run_child(["step", variant, str(small), dtype, steps], args.quick)
+            floor = results["ours-bf16"]["step_s"]
             print(f"| {labels[variant]:<22} | {row['step_s']:>8.2f} | {row['step_s'] / floor:>11.3f} | "
-                  f"{row['loss0']:>10.4f} |")
+                  f"{row['loss0']:>10.4f} |", flush=True)
 
         rss_ratio = quantized["rss"] / weight_bytes
         step_ratio = results["ours-nf4"]["step_s"] / floor

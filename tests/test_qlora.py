@@ -219,3 +219,15 @@ def test_lowrank_linear_on_packed_weight_equals_dequantized():
     assert torch.equal(y4, y)
     with pytest.raises(ValueError, match="fan_in_fan_out=True does not apply"):
         lowrank_linear(x, module.weight, None, A, B, 2.0, slices=((0, 96),), fan_in_fan_out=True)
+
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
+def test_chunked_quantization_gives_bitsandbytes_bits(monkeypatch, quant_type, double_quant):
+    monkeypatch.setattr(quant, "QUANT_CHUNK", 64 * 40)  # 40 rows of 64 per chunk: 7 chunks, the last one short
+    weight = torch.randn(260, 64, dtype=torch.bfloat16)
+    ours = quant.quantize_weight(weight, quant_type=quant_type, double_quant=double_quant)
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
+                                                 quant_type=quant_type)
+    assert torch.equal(ours.data, packed)
+    mine, theirs = quant.quant_state_entries(ours), state.as_dict(packed=True)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

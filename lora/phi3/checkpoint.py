@@ -224,8 +224,14 @@ class CheckpointPlan:
             return f.get_slice(name)[start:stop].to(device=device, dtype=self.dtype)
 
 
-def plan_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None) -> CheckpointPlan:
-    """Check a Phi-3 checkpoint directory and build its model on the meta device; read no tensor data."""
+def plan_checkpoint(
+    path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None, allow_quantized: bool = False
+) -> CheckpointPlan:
+    """Check a Phi-3 checkpoint directory and build its model on the meta device; read no tensor data.
+
+    A 4-bit directory (``quantization_config`` in config.json) is refused unless ``allow_quantized``: its packed
+    weights cannot be read as rows of ``dtype`` (what ``lora.phi3.fsdp`` does with a plan).
+    """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
@@ -239,6 +245,9 @@ def plan_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype | str | 
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
     saved = _saved_quantization(config, root)
+    if saved is not None and not allow_quantized:
+        raise ValueError(f"{root}: a 4-bit (bitsandbytes) checkpoint; load it whole with lora.phi3.from_pretrained "
+                         "(FSDP2 cannot shard packed 4-bit weights)")
     _check_tensors(model, headers, root, None if saved is None else saved["bnb_4bit_quant_type"])
     if saved is not None:  # the packed weights' U8 says nothing of the model's dtype
         headers = {name: header for name, header in headers.items() if header[1] in _DTYPES}
@@ -273,7 +282,7 @@ def from_pretrained(
         raise ValueError(f"quantize={quantize!r} is not a 4-bit type; expected one of {', '.join(quant.QUANT_TYPES)} "
                          "(or None for no quantization)")
     check_flags(double_quant=double_quant)
-    plan = plan_checkpoint(path, dtype=dtype)
+    plan = plan_checkpoint(path, dtype=dtype, allow_quantized=True)
     model, dtype, files, headers = plan.model, plan.dtype, plan.files, plan.headers
     device = torch.device(device if device is not None else "cpu")
     saved = _saved_quantization(model.config, plan.root)

@@ -21,6 +21,7 @@ from lora.phi3 import (
     save_peft_adapter,
     save_pretrained,
 )
+from lora.phi3.checkpoint import plan_checkpoint
 
 bnb = pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
 transformers = pytest.importorskip("transformers")
@@ -85,6 +86,8 @@ def test_save_and_load_the_4bit_base_round_trips(hf_checkpoint, tmp_path):
         assert torch.equal(again(IDS), model(IDS))
     with pytest.raises(ValueError, match="already quantized to nf4; quantize='fp4' would need the original"):
         from_pretrained(tmp_path / "q", quantize="fp4")
+    with pytest.raises(ValueError, match="a 4-bit .bitsandbytes. checkpoint; load it whole with lora.phi3.from_pre"):
+        plan_checkpoint(tmp_path / "q")  # what lora.phi3.fsdp reads rows through
     theirs = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
     assert type(theirs.model.layers[0].mlp.down_proj) is bnb.nn.Linear4bit
     assert_same_state(theirs, model)
