@@ -90,7 +90,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):
         weight = module._parameters.get("weight")
-        if quant.is_quantized(weight) and not isinstance(module, LoRALayer):
+        if quant.is_quantized(weight) and not (isinstance(module, LoRALayer) and module.has_lora):
             head = f"{name}.weight" if name else "weight"
             for key in [k for k in state if k.startswith(head + ".")]:
                 del state[key]
