@@ -8,7 +8,9 @@ in a fresh process (peak RSS is the process's):
 - load of that saved 4-bit directory, which skips the quantization (time and peak RSS);
 - train step, seq 128 x batch 4 (the recipe's batch), gradient checkpointing, r 16 / alpha 32 / dropout 0.05 on
   the four projections, AdamW: ours on the bf16 base (the floor), ours on the NF4 base, and transformers' 4-bit
-  Phi-3 (BitsAndBytesConfig, the same NF4 settings) with PEFT's LoRA. The step runs on the first STEP_LAYERS
+  Phi-3 (BitsAndBytesConfig, the same NF4 settings) with PEFT's LoRA; the three in one process, their steps
+  interleaved (one round of a step each, repeated), so that the machine's load hits them alike. The step runs on
+  the first STEP_LAYERS
   decoder layers of the same full-width model (a second checkpoint), since a full 32-layer step takes minutes on
   a 2-core CPU; each layer costs the same, so the ratios are those of the whole model. Median of the timed steps
   after one warm-up. Must reach: ours NF4 <= 1.5x our bf16 step (goal 1.15x) and faster than PEFT's QLoRA.
@@ -84,10 +86,9 @@ def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1], ids[:, 1:]
 
 
-def step_child(variant: str, path: Path, dtype: torch.dtype, steps: int) -> dict:
-    """Median train-step time of one variant, with gradient checkpointing."""
+def build(variant: str, path: Path, dtype: torch.dtype):
+    """(model, logits function) of one variant, patched, with gradient checkpointing, in train mode."""
     torch.manual_seed(0)
-    start = time.perf_counter()
     if variant.startswith("ours"):
         from lora.phi3 import from_pretrained, patch
 
@@ -112,22 +113,32 @@ def step_child(variant: str, path: Path, dtype: torch.dtype, steps: int) -> dict
 
         def logits(ids: torch.Tensor) -> torch.Tensor:
             return model(input_ids=ids, use_cache=False).logits
-    load_s = time.perf_counter() - start
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    inputs, labels = _batch(model.config.vocab_size)
-    times, losses = [], []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        loss = F.cross_entropy(logits(inputs).float().flatten(0, 1), labels.flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    return {"step_s": statistics.median(times[1:]), "times": times, "loss0": losses[0], "load_s": load_s,
-            "rss": peak_rss(), "trainable": sum(p.numel() for p in params)}
+    return model, logits
+
+
+def step_child(path: Path, dtype: torch.dtype, steps: int) -> dict:
+    """Median train-step time of every variant, the three models in one process and their steps interleaved
+    (a round of one step each, repeated): drift in what else the machine runs hits them alike."""
+    runs = {}
+    for variant in STEPS:
+        model, logits = build(variant, path, dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[variant] = (model, logits, torch.optim.AdamW(params, lr=1e-4))
+    inputs, labels = _batch(runs["ours-bf16"][0].config.vocab_size)
+    times: dict[str, list[float]] = {variant: [] for variant in STEPS}
+    losses: dict[str, list[float]] = {variant: [] for variant in STEPS}
+    for _ in range(steps + 1):  # the first round is the warm-up
+        for variant, (_, logits, optimizer) in runs.items():
+            start = time.perf_counter()
+            loss = F.cross_entropy(logits(inputs).float().flatten(0, 1), labels.flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[variant].append(time.perf_counter() - start)
+            losses[variant].append(loss.item())
+    return {variant: {"step_s": statistics.median(times[variant][1:]), "times": times[variant],
+                      "loss0": losses[variant][0]} for variant in STEPS}
 
 
 def run_child(args: list[str], quick: bool) -> dict:
@@ -142,7 +153,7 @@ def run_child(args: list[str], quick: bool) -> dict:
 
 CHILDREN = {
     "load": lambda path, saved, dtype: load_child(Path(path), Path(saved) if saved else None, getattr(torch, dtype)),
-    "step": lambda variant, path, dtype, steps: step_child(variant, Path(path), getattr(torch, dtype), int(steps)),
+    "step": lambda path, dtype, steps: step_child(Path(path), getattr(torch, dtype), int(steps)),
 }
 
 
@@ -191,15 +202,14 @@ def main() -> int:
 
         print(f"\ntrain step: {layers} of {json.loads((full / 'config.json').read_text())['num_hidden_layers']} "
               f"decoder layers at full width, batch {BATCH} x seq {SEQ}, gradient checkpointing, r {R}, alpha "
-              f"{ALPHA}, dropout {DROPOUT}, {dtype}; median of {steps} step(s) after one warm-up")
+              f"{ALPHA}, dropout {DROPOUT}, {dtype}; median of {steps} interleaved round(s) after one warm-up")
         header = f"| {'variant':<22} | {'step s':>8} | {'x ours bf16':>11} | {'first loss':>10} |"
         print(header)
         print("|" + "|".join("-" * len(part) for part in header.split("|")[1:-1]) + "|", flush=True)
         labels = {"ours-bf16": "ours, bf16 base", "ours-nf4": "ours, NF4 base", "peft-nf4": "PEFT, bnb NF4 base"}
-        results = {}
-        for variant in STEPS:  # each row as soon as it is measured
-            row = results[variant] = run_child(["step", variant, str(small), dtype, steps], args.quick)
-            floor = results["ours-bf16"]["step_s"]
+        results = run_child(["step", str(small), dtype, steps], args.quick)
+        floor = results["ours-bf16"]["step_s"]
+        for variant, row in results.items():
             print(f"| {labels[variant]:<22} | {row['step_s']:>8.2f} | {row['step_s'] / floor:>11.3f} | "
                   f"{row['loss0']:>10.4f} |", flush=True)
 

@@ -19,6 +19,8 @@ transformers') loads as it is, without quantizing again.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -316,11 +318,35 @@ def from_pretrained(
                     packed = quant.quantize_weight(tensor, quant_type=quantize, double_quant=bool(double_quant))
                     del tensor
                     _set_module(model, module_name, quant.linear4bit(packed, None, compute_dtype=dtype))
+                    _return_freed_memory()
                 else:
                     setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor))
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    glibc serves allocations below its mmap threshold from the heap, and the threshold grows to 32 MB as large
+    buffers are freed: the bf16 buffers a 4-bit load reads and frees one by one then stay resident between the
+    packed weights it keeps (0.15 GB of a 1.3 GB 4-layer load's peak, measured).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
 
 
 def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
