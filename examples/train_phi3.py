@@ -205,8 +205,8 @@ HELP = {
                     "'purelora[qlora]'); they dequantize to --dtype, which embeddings, norms and lm_head keep. "
                     "On a GPU pass --device cuda (bitsandbytes' CUDA kernels); not with --fsdp or --use-dora",
     "bnb_4bit_quant_type": "4-bit data type with --load-in-4bit: nf4 (NormalFloat, QLoRA's) or fp4",
-    "bnb_4bit_use_double_quant": "with --load-in-4bit, quantize the per-block scales too (0.127 bits less per "
-                                 "weight, as the QLoRA notebooks set it)",
+    "bnb_4bit_use_double_quant": "with --load-in-4bit, quantize the per-block scales too (0.127 bits per weight "
+                                 "instead of 0.5; the QLoRA notebooks set it)",
     "r": "LoRA rank",
     "lora_alpha": "LoRA alpha: the update is (alpha / r) * B @ A",
     "lora_dropout": "dropout on the adapters' input",
