@@ -142,10 +142,10 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None,
-                quant_state=None):
+                quant_state=None, frozen_outside=False):
         with no_autocast(x.device):
             return _LowRankLinear._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices,
-                                           fan_in_fan_out, col_scale, quant_state)
+                                           fan_in_fan_out, col_scale, quant_state, frozen_outside)
 
     @staticmethod
     def backward(ctx, dy):
@@ -154,7 +154,7 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
-                 quant_state):
+                 quant_state, frozen_outside):
         # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order;
         # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
         # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward)
@@ -196,7 +196,8 @@ class _LowRankLinear(torch.autograd.Function):
             y[:, offset : offset + size].addmm_(xa[:, j * r : (j + 1) * r], B[row : row + size].t(), beta=beta,
                                                 alpha=scaling)
             row += size
-        y.addmm_(x, frozen if fan_in_fan_out else frozen.t())
+        if not frozen_outside:
+            y.addmm_(x, frozen if fan_in_fan_out else frozen.t())
         del frozen  # a 4-bit weight's dequantized copy dies here: backward dequantizes again
         unscaled = None
         if col_scale is not None:
@@ -274,7 +275,7 @@ class _LowRankLinear(torch.autograd.Function):
             dweight = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy_out.sum(0)
-        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None
+        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None, None
 
 
 def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -360,8 +361,18 @@ def lowrank_linear(
     if col_scale is not None and p > 0.0:
         raise ValueError("lowrank_linear: col_scale (DoRA) is only computed here without dropout (p=0); "
                          f"got p={p}")
+    # A plain weight's GEMM runs just after the Function, accumulating onto the adapters' output as it would
+    # inside (still one rounding of the sum), on detached operands: the Function's backward computes dx and
+    # autograd records no second use of W. The Function's saved tensors are then the last a checkpointed
+    # layer saves, so its recomputation, which stops once every saved tensor is back, skips the last
+    # projection's frozen GEMM (whose output backward never needs), as it does for a frozen nn.Linear. DoRA
+    # scales that GEMM's output and a 4-bit weight is dequantized inside, so those keep it in the Function.
+    frozen_outside = col_scale is None and quant_state is None
     y = _LowRankLinear.apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out,
-                             col_scale, quant_state)
+                             col_scale, quant_state, frozen_outside)
+    if frozen_outside:
+        with no_autocast(x2d.device):
+            y.addmm_(x2d.detach(), weight.detach() if fan_in_fan_out else weight.detach().t())
     return y.view(*lead, y.shape[-1])
 
 
