@@ -8,11 +8,12 @@ interleaved over repeats (the order of the two stacks alternates), and deletes t
 - `floor`: our frozen model without adapters, forward + backward to the embedding output (what any LoRA
   step must at least do), with the same checkpointing;
 - `lora`: `lora.phi3.from_pretrained` + `patch` with the training script's settings (r=16, alpha=32,
-  dropout 0.05 on the four projections), `model.loss`, backward, AdamW on the adapters;
+  dropout 0.05 on the four projections), `model.loss`, backward, fused AdamW on the adapters (the
+  script's, and transformers' Trainer's default);
 - `peft`: transformers' `Phi3ForCausalLM` (SDPA attention) + PEFT's `get_peft_model` with the same
   LoRA settings (float32 adapters on the bf16 base, PEFT's default), as its users run it: non-reentrant
   checkpointing through `gradient_checkpointing_enable` plus `enable_input_require_grads`, the loss from
-  `model(input_ids, labels=...)`, the same AdamW.
+  `model(input_ids, labels=...)`, the same fused AdamW.
 
 Each process times `--steps` steps after a first, untimed one, on one sequence (batch 1) of 128 or 512
 tokens, with and without gradient checkpointing, and reports its peak RSS (the weights are counted once:
@@ -142,7 +143,7 @@ def child(args: argparse.Namespace) -> None:
     model, loss_fn = load(args.path, dtype, args.device, args.row, dropout, args.ckpt)
     load_s = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR) if params else None
+    optimizer = torch.optim.AdamW(params, lr=LR, fused=True) if params else None  # as the training script
     vocab = json.loads((args.path / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (1, args.seq), generator=torch.Generator().manual_seed(0)).to(args.device)
 
