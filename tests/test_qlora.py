@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import re
 
 import pytest
@@ -191,20 +190,13 @@ def test_input_dtype_and_autocast():
     assert torch.equal(y, layer(x.to(torch.bfloat16)))
 
 
-def test_quantize_errors_and_missing_bitsandbytes(monkeypatch):
+def test_quantize_errors_and_missing_bitsandbytes(hide_bitsandbytes):
     with pytest.raises(ValueError, match=re.escape("quantize='int4' is not a 4-bit type; expected one of nf4, fp4")):
         quant.quantize_weight(torch.randn(64, 64), quant_type="int4")
     with pytest.raises(ValueError, match=re.escape("weight: a weight of shape (64, 96) cannot be quantized in blocks "
                                                    "of 64: its in_features must be a multiple of 64")):
         quant.quantize_weight(torch.randn(64, 96))
-    real_import = builtins.__import__
-
-    def no_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
-            raise ImportError("No module named 'bitsandbytes'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    hide_bitsandbytes()
     with pytest.raises(ImportError, match=re.escape('pip install "purelora[qlora]"')):
         quant.quantize_weight(torch.randn(64, 64))
 

@@ -3,7 +3,6 @@ checkpointing, packing), DDP equals one process, merging writes a plain model; r
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import re
@@ -106,15 +105,8 @@ def test_refused_combinations(tmp_path, flag, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
-            raise ImportError("No module named 'bitsandbytes'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+def test_missing_bitsandbytes_names_the_extra(tmp_path, hide_bitsandbytes):
+    hide_bitsandbytes()
     with pytest.raises(ImportError, match=re.escape('pip install "purelora[qlora]"')):
         main("--load-in-4bit", "--output-dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()

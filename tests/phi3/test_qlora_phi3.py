@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import re
 
@@ -97,21 +96,14 @@ def test_save_and_load_the_4bit_base_round_trips(hf_checkpoint, tmp_path):
                       from_pretrained(path, dtype=torch.float32, quantize="nf4"))
 
 
-def test_4bit_load_errors_come_before_anything_is_read(hf_checkpoint, monkeypatch):
+def test_4bit_load_errors_come_before_anything_is_read(hf_checkpoint, hide_bitsandbytes):
     _, narrow = hf_checkpoint()  # hidden 32: rows shorter than a block
     with pytest.raises(ValueError, match=re.escape("model.layers.0.mlp.down_proj.weight: a weight of shape (32, 48) "
                                                    "cannot be quantized in blocks of 64")):
         from_pretrained(narrow, quantize="nf4")
     with pytest.raises(ValueError, match=re.escape("quantize='int8' is not a 4-bit type; expected one of nf4, fp4")):
         from_pretrained(narrow, quantize="int8")
-    real_import = builtins.__import__
-
-    def no_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
-            raise ImportError("No module named 'bitsandbytes'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    hide_bitsandbytes()
     with pytest.raises(ImportError, match=re.escape('need bitsandbytes, which is not installed: pip install '
                                                     '"purelora[qlora]"')):
         from_pretrained(narrow, quantize="nf4")
