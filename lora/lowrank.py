@@ -29,9 +29,9 @@ float16's 65504 long before float32); in bfloat16, which has float32's range, in
 gradients are returned in the adapters' dtype.
 
 A 4-bit base (a bitsandbytes ``Params4bit``: packed uint8 and a ``quant_state``) goes into the Function as it
-is, with its quant state: the forward dequantizes it into a temporary in the compute dtype for the frozen GEMM
-and frees it, and the backward dequantizes it again for ``dx``. Only the packed weight is saved (a quarter of
-bf16's bytes); an ordinary weight takes exactly the path it took before.
+is, with its quant state: it is dequantized into a temporary in the compute dtype for the frozen GEMM (which
+runs just after the Function, see ``lowrank_linear``) and freed, and the backward dequantizes it again for
+``dx``. Only the packed weight is saved (a quarter of bf16's bytes).
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ class _LowRankLinear(torch.autograd.Function):
         # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
         # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward)
         dtype = x.dtype
-        frozen = weight if quant_state is None else _dequantized(weight, quant_state, dtype)
+        frozen = None if frozen_outside else weight if quant_state is None else _dequantized(weight, quant_state,
+                                                                                             dtype)
         wide = torch.promote_types(dtype, torch.float32)
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
@@ -180,7 +181,8 @@ class _LowRankLinear(torch.autograd.Function):
         # sum, and one pass over y fewer than adding the adapters' output afterwards. When the slices cover
         # every column and there is no bias, the first write ignores y's contents (beta = 0), so y needs no
         # initialisation.
-        n, out = x.shape[0], frozen.shape[1 if fan_in_fan_out else 0]
+        n = x.shape[0]
+        out = quant_state.shape[0] if quant_state is not None else weight.shape[1 if fan_in_fan_out else 0]
         first_bias = None if col_scale is not None else bias  # DoRA scales W x + s B A x, not the bias
         covered = first_bias is None and sum(size for _, size in slices) == out
         if covered:
@@ -361,18 +363,20 @@ def lowrank_linear(
     if col_scale is not None and p > 0.0:
         raise ValueError("lowrank_linear: col_scale (DoRA) is only computed here without dropout (p=0); "
                          f"got p={p}")
-    # A plain weight's GEMM runs just after the Function, accumulating onto the adapters' output as it would
-    # inside (still one rounding of the sum), on detached operands: the Function's backward computes dx and
-    # autograd records no second use of W. The Function's saved tensors are then the last a checkpointed
-    # layer saves, so its recomputation, which stops once every saved tensor is back, skips the last
-    # projection's frozen GEMM (whose output backward never needs), as it does for a frozen nn.Linear. DoRA
-    # scales that GEMM's output and a 4-bit weight is dequantized inside, so those keep it in the Function.
-    frozen_outside = col_scale is None and quant_state is None
+    # The frozen GEMM (and a 4-bit weight's dequantization) runs just after the Function, accumulating onto
+    # the adapters' output as it would inside (still one rounding of the sum), on detached operands: the
+    # Function's backward computes dx and autograd records no second use of W. The Function's saved tensors
+    # are then the last a checkpointed layer saves, so its recomputation, which stops once every saved tensor
+    # is back, skips the last projection's frozen GEMM and dequantization (backward never needs that output),
+    # as it does for a frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function.
+    frozen_outside = col_scale is None
     y = _LowRankLinear.apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out,
                              col_scale, quant_state, frozen_outside)
     if frozen_outside:
+        frozen = weight.detach() if quant_state is None else _dequantized(weight, quant_state, dtype)
         with no_autocast(x2d.device):
-            y.addmm_(x2d.detach(), weight.detach() if fan_in_fan_out else weight.detach().t())
+            y.addmm_(x2d.detach(), frozen if fan_in_fan_out else frozen.t())
+        del frozen  # a 4-bit weight's dequantized copy dies here: backward dequantizes again
     return y.view(*lead, y.shape[-1])
 
 

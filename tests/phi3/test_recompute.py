@@ -50,3 +50,30 @@ def test_the_last_projections_frozen_gemm_runs_once_in_backward(adapted, dropout
     assert forward_down.count == 1
     assert backward_down.count == 1  # dx only: the recomputation stopped before the frozen GEMM
     assert backward_up.count == 2  # gate_up's output is needed: recomputed, and its dx
+
+
+def test_a_4bit_last_projection_is_dequantized_once_in_backward(hf_checkpoint, monkeypatch):
+    # bitsandbytes dequantizes a 4-bit weight for each use; the recomputation must skip down_proj's as it skips
+    # its GEMM, so backward dequantizes it once (for dx) and gate_up_proj twice (recomputed output, dx).
+    pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
+    from lora import lowrank
+    from lora.phi3 import from_pretrained
+
+    _, path = hf_checkpoint(hidden_size=64, intermediate_size=128, num_key_value_heads=2)
+    model = from_pretrained(path, dtype=torch.float32, quantize="nf4")
+    patch(model, r=2, lora_alpha=4, lora_dropout=0.1)
+    model.gradient_checkpointing = True
+    model.train()
+    calls: list[int] = []
+    real = lowrank._dequantized
+    monkeypatch.setattr(lowrank, "_dequantized", lambda w, state, dtype: calls.append(w.data_ptr()) or real(w, state,
+                                                                                                          dtype))
+    down = model.model.layers[1].mlp.down_proj.weight.data_ptr()
+    up = model.model.layers[1].mlp.gate_up_proj.weight.data_ptr()
+    ids = torch.randint(3, TINY["vocab_size"], (2, 9))
+    loss = model.loss(ids, ids)
+    assert calls.count(down) == calls.count(up) == 1
+    calls.clear()
+    loss.backward()
+    assert calls.count(down) == 1
+    assert calls.count(up) == 2
