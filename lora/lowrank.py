@@ -142,10 +142,10 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None,
-                quant_state=None, frozen_outside=False):
+                quant_state=None):
         with no_autocast(x.device):
             return _LowRankLinear._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices,
-                                           fan_in_fan_out, col_scale, quant_state, frozen_outside)
+                                           fan_in_fan_out, col_scale, quant_state)
 
     @staticmethod
     def backward(ctx, dy):
@@ -154,13 +154,11 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
-                 quant_state, frozen_outside):
+                 quant_state):
         # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order;
         # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
         # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward)
         dtype = x.dtype
-        frozen = None if frozen_outside else weight if quant_state is None else _dequantized(weight, quant_state,
-                                                                                             dtype)
         wide = torch.promote_types(dtype, torch.float32)
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
@@ -198,11 +196,12 @@ class _LowRankLinear(torch.autograd.Function):
             y[:, offset : offset + size].addmm_(xa[:, j * r : (j + 1) * r], B[row : row + size].t(), beta=beta,
                                                 alpha=scaling)
             row += size
-        if not frozen_outside:
-            y.addmm_(x, frozen if fan_in_fan_out else frozen.t())
-        del frozen  # a 4-bit weight's dequantized copy dies here: backward dequantizes again
         unscaled = None
         if col_scale is not None:
+            # DoRA scales the frozen GEMM's output, so that GEMM runs here (otherwise just after the Function)
+            frozen = weight if quant_state is None else _dequantized(weight, quant_state, dtype)
+            y.addmm_(x, frozen if fan_in_fan_out else frozen.t())
+            del frozen
             # DoRA: y = c * (W x + s B A x) + b per adapted column. Its gradient for c needs W x + s B A x,
             # which is (y - b) / c: the output, which the next op usually keeps anyway, is saved instead of
             # a copy (unless some c is 0, where that division cannot recover it).
@@ -277,7 +276,7 @@ class _LowRankLinear(torch.autograd.Function):
             dweight = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy_out.sum(0)
-        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None, None
+        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None
 
 
 def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -363,21 +362,28 @@ def lowrank_linear(
     if col_scale is not None and p > 0.0:
         raise ValueError("lowrank_linear: col_scale (DoRA) is only computed here without dropout (p=0); "
                          f"got p={p}")
-    # The frozen GEMM (and a 4-bit weight's dequantization) runs just after the Function, accumulating onto
-    # the adapters' output as it would inside (still one rounding of the sum), on detached operands: the
-    # Function's backward computes dx and autograd records no second use of W. The Function's saved tensors
-    # are then the last a checkpointed layer saves, so its recomputation, which stops once every saved tensor
-    # is back, skips the last projection's frozen GEMM and dequantization (backward never needs that output),
-    # as it does for a frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function.
-    frozen_outside = col_scale is None
-    y = _LowRankLinear.apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out,
-                             col_scale, quant_state, frozen_outside)
-    if frozen_outside:
-        frozen = weight.detach() if quant_state is None else _dequantized(weight, quant_state, dtype)
-        with no_autocast(x2d.device):
-            y.addmm_(x2d.detach(), frozen if fan_in_fan_out else frozen.t())
-        del frozen  # a 4-bit weight's dequantized copy dies here: backward dequantizes again
+    y = _apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale, quant_state)
     return y.view(*lead, y.shape[-1])
+
+
+def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None, quant_state=None):
+    """The layer on a 2-D ``x`` already in the compute dtype: the Function, then (but for DoRA) the frozen GEMM.
+
+    The frozen GEMM (and a 4-bit weight's dequantization) runs just after the Function, accumulating onto the
+    adapters' output as it would inside (still one rounding of the sum), on detached operands: the Function's
+    backward computes dx and autograd records no second use of W. The Function's saved tensors are then the
+    last a checkpointed layer saves, so its recomputation, which stops once every saved tensor is back, skips
+    the last projection's frozen GEMM and dequantization (backward never needs that output), as it does for a
+    frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function.
+    """
+    y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
+                             quant_state)
+    if col_scale is None:
+        frozen = weight.detach() if quant_state is None else _dequantized(weight, quant_state, x.dtype)
+        with no_autocast(x.device):
+            y.addmm_(x.detach(), frozen if fan_in_fan_out else frozen.t())
+        del frozen  # a 4-bit weight's dequantized copy dies here: backward dequantizes again
+    return y
 
 
 def _quant_state(weight: torch.Tensor, fan_in_fan_out: bool):

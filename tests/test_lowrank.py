@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lora.lowrank import _LowRankLinear, dropout_positions
+from lora.lowrank import _apply, dropout_positions
 
 
 def dropout_mask(seed, shape, p):
@@ -46,7 +46,7 @@ def test_gradcheck_against_autograd(p, fan_in_fan_out, slices, with_bias):
     B = torch.randn(sum(s for _, s in slices), r, dtype=torch.float64, requires_grad=True)
 
     def fn(x, W, b, A, B):
-        return _LowRankLinear.apply(x, W, b, A, B, 1.5, p, 1234, slices, fan_in_fan_out)
+        return _apply(x, W, b, A, B, 1.5, p, 1234, slices, fan_in_fan_out)
 
     assert torch.autograd.gradcheck(fn, (x, W, b, A, B))
     mask = dropout_mask(1234, x.shape, p) if p else None
@@ -69,7 +69,7 @@ def test_nothing_reads_uninitialised_memory(monkeypatch, p):
     expected_grads = torch.autograd.grad(expected, (x, A, B), dy)
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    out = _LowRankLinear.apply(x, W, None, A, B, 0.5, p, 99, slices, False)
+    out = _apply(x, W, None, A, B, 0.5, p, 99, slices, False)
     torch.testing.assert_close(out, expected)
     for got, want in zip(torch.autograd.grad(out, (x, A, B), dy), expected_grads, strict=True):
         torch.testing.assert_close(got, want)
