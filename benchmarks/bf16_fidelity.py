@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from fullsize import ALPHA, TARGETS, R, native_bf16  # noqa: E402
+from fullsize import ALPHA, TARGETS, R, native_bf16, seeded_adapters  # noqa: E402
 
 import lora  # noqa: E402
 from lora.phi3 import Phi3Config, Phi3ForCausalLM, patch  # noqa: E402
@@ -71,13 +71,6 @@ def master_state(widths: dict[str, int], layers: int) -> tuple[dict, dict[str, t
     return common, state
 
 
-def _adapter_values(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    generator = torch.Generator().manual_seed(sum(name.encode()) * 1000 + len(name))
-    with torch.no_grad():
-        a.copy_(torch.randn(a.shape, generator=generator) / a.shape[1] ** 0.5)
-        b.zero_()
-
-
 def build(run: str, common: dict, state: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, callable]:
     """The run's model (sharing nothing with another run's) and its loss function of the token ids."""
     dtype = torch.bfloat16 if run.endswith("bf16") else torch.float32
@@ -94,10 +87,9 @@ def build(run: str, common: dict, state: dict[str, torch.Tensor]) -> tuple[torch
         base.requires_grad_(False)
         model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
                                                 target_modules=list(TARGETS), task_type="CAUSAL_LM"))
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and "default" in module.lora_A:
-                _adapter_values(name.removeprefix("base_model.model."), module.lora_A["default"].weight,
-                                module.lora_B["default"].weight)
+        seeded_adapters([(n.removeprefix("base_model.model."), m.lora_A["default"].weight, m.lora_B["default"].weight)
+                         for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A],
+                        b_std=0.0)
 
         def loss(ids: torch.Tensor) -> torch.Tensor:
             return model(input_ids=ids, labels=ids).loss
@@ -107,9 +99,8 @@ def build(run: str, common: dict, state: dict[str, torch.Tensor]) -> tuple[torch
         model.load_state_dict(weights, assign=True)
         model.requires_grad_(False)
         patch(model, r=R, lora_alpha=ALPHA, lora_dropout=0.0, targets=TARGETS)
-        for name, module in model.named_modules():
-            if isinstance(module, lora.Linear):
-                _adapter_values(name, module.lora_A, module.lora_B)
+        seeded_adapters([(n, m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, lora.Linear)],
+                        b_std=0.0)
 
         def loss(ids: torch.Tensor) -> torch.Tensor:
             return model.loss(ids, ids)

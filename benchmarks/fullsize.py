@@ -79,13 +79,14 @@ def native_bf16() -> tuple[bool, str]:
 
 # ---- the child process: one stack, one row ----
 
-def _seeded_adapters(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-    """Give every (A, B) the same values in both stacks: drawn from a generator seeded per module name."""
+def seeded_adapters(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], b_std: float = 0.01) -> None:
+    """Give every (A, B) the same values in both stacks: drawn from a generator seeded per module name (B
+    normal with std ``b_std``, zero for 0)."""
     for name, a, b in pairs:
         generator = torch.Generator().manual_seed(sum(name.encode()) * 1000 + len(name))
         with torch.no_grad():
             a.copy_(torch.randn(a.shape, generator=generator) / a.shape[1] ** 0.5)
-            b.copy_(torch.randn(b.shape, generator=generator) * 0.01)
+            b.copy_(torch.randn(b.shape, generator=generator) * b_std)
 
 
 def _load_ours(path: Path, dtype: torch.dtype, device: str, row: str, dropout: float, ckpt: bool):
@@ -100,7 +101,7 @@ def _load_ours(path: Path, dtype: torch.dtype, device: str, row: str, dropout: f
         model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
     if row in ("lora", "check"):
         patch(model, r=R, lora_alpha=ALPHA, lora_dropout=dropout, targets=TARGETS)
-        _seeded_adapters([(n, m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, lora.Linear)])
+        seeded_adapters([(n, m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, lora.Linear)])
     model.train()
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,7 @@ def _load_peft(path: Path, dtype: torch.dtype, device: str, row: str, dropout: f
                         task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     prefix = "base_model.model."
-    _seeded_adapters([(n.removeprefix(prefix), m.lora_A["default"].weight, m.lora_B["default"].weight)
+    seeded_adapters([(n.removeprefix(prefix), m.lora_A["default"].weight, m.lora_B["default"].weight)
                       for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A])
     model.train()
 
