@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora
+from lora.phi3.schedule import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_phi3.py"
@@ -82,8 +84,8 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main("--help")
     text = capsys.readouterr().out
-    for key in [*train_phi3.training_config, *train_phi3.peft_config, "config", "resume"]:
-        assert train_phi3.option_name(key) in text, key
+    for option in [*(s.option for s in train_phi3.SETTINGS), "--config", "--resume", "--overwrite-output-dir"]:
+        assert option in text, option
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -118,16 +120,6 @@ def test_non_finite_loss_stops_and_names_only_a_checkpoint_whose_weights_gave_a_
     assert "the last good checkpoint (one whose weights gave a finite loss) is none" in text
     assert "step-000001 was saved but is not good" in text
     assert (out / "checkpoints").is_dir() and not (out / "adapter.safetensors").exists()
-
-
-def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
-    steps = [tmp_path / f"step-{i:06d}" for i in (1, 2, 3)]
-    for path in steps:
-        path.mkdir()
-    # step 3 is pending (saved, no loss computed with its weights yet): step 2 is the last good one
-    assert train_phi3.prune_checkpoints(steps, 1, keep=steps[1]) == steps[1:]
-    assert sorted(tmp_path.iterdir()) == steps[1:]
-    assert train_phi3.prune_checkpoints(steps[1:], 1, keep=steps[2]) == steps[2:]
 
 
 @pytest.mark.parametrize(
@@ -174,11 +166,11 @@ def test_non_phi3_model_directory(tmp_path, small_eval):
 def test_config_file_json_and_toml_with_command_line_precedence(tmp_path):
     (tmp_path / "c.toml").write_text('max_steps = 7\n[peft_config]\nr = 2\nlora_alpha = 4\n')
     config, _ = train_phi3.resolve_config(["--config", str(tmp_path / "c.toml"), "--lora-alpha", "6"])
-    assert (config["max_steps"], config["r"], config["lora_alpha"]) == (7, 2, 6)
-    assert config["learning_rate"] == train_phi3.EMBEDDED_OVERRIDES["learning_rate"]
+    assert (config.max_steps, config.r, config.lora_alpha) == (7, 2, 6)
+    assert config.learning_rate == train_phi3.EMBEDDED_OVERRIDES["learning_rate"]
     (tmp_path / "c.json").write_text(json.dumps({"training_config": {"model": "somewhere"}}))
     config, _ = train_phi3.resolve_config(["--config", str(tmp_path / "c.json")])
-    assert config["learning_rate"] == train_phi3.training_config["learning_rate"]  # a real model: the recipe
+    assert config.learning_rate == train_phi3.training_config["learning_rate"]  # a real model: the recipe
 
 
 def test_real_checkpoint_path(tmp_path):
@@ -215,7 +207,8 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def test_rerun_of_the_default_output_dir_replaces_the_old_run_only_once_complete(tmp_path, small_eval, monkeypatch,
                                                                                  capsys):
     out = tmp_path / "runs" / "phi3-lora"
-    monkeypatch.setitem(train_phi3.training_config, "output_dir", str(out))  # the default, as in the README
+    default = dataclasses.replace(train_phi3.SETTINGS["output_dir"], default=str(out))  # as in the README
+    monkeypatch.setitem(train_phi3.SETTINGS.table, "output_dir", default)
     common = [*FAST, "--eval-data", small_eval, "--logging-steps", "1"]
     assert main(*common, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "5") == 0
     first = snapshot(out)
@@ -271,7 +264,7 @@ def test_resume_deletes_nothing_at_start_up_and_extends_a_finished_run(tmp_path,
     assert f"{data} changed since" in text
     steps = [r["step"] for r in metrics(out) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
-    factor = train_phi3.make_schedule("cosine", 1, 6)  # warmup 5% of 6 steps: 1
+    factor = make_schedule("cosine", 1, 6)  # warmup 5% of 6 steps: 1
     assert metrics(out)[-3]["lr"] == pytest.approx(3e-3 * factor(4), rel=1e-9)  # step 5 (then step 6, its eval)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
     with pytest.raises(ValueError, match="already at step 6 of 6; a larger --max-steps extends the run"):
@@ -296,8 +289,8 @@ def test_no_abbreviations_and_transformers_spellings(tmp_path):
     config, run = train_phi3.resolve_config(["--learning_rate", "0.25", "--output_dir", str(tmp_path), "--lora_r", "2",
                                              "--per_device_train_batch_size", "3", "--overwrite_output_dir",
                                              "--no-gradient_checkpointing"])
-    assert (config["learning_rate"], config["output_dir"], config["r"], config["per_device_train_batch_size"],
-            config["gradient_checkpointing"]) == (0.25, str(tmp_path), 2, 3, False)
+    assert (config.learning_rate, config.output_dir, config.r, config.per_device_train_batch_size,
+            config.gradient_checkpointing) == (0.25, str(tmp_path), 2, 3, False)
     assert run.overwrite_output_dir and run.output_dir_given
 
 
@@ -321,14 +314,6 @@ def test_config_file_values_of_the_wrong_type(tmp_path, text, suffix, message):
         train_phi3.resolve_config(["--config", str(path)])
 
 
-def test_loss_curve_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    records = [{"step": 0, "eval_loss": 4.0}, {"step": 1, "loss": 3.5}, {"step": 2, "loss": 2.5, "eval_loss": 2.7}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert train_phi3.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_writing_the_embedded_checkpoint_leaves_the_run_s_random_stream_alone(tmp_path, monkeypatch):
     # The first run on a fresh machine writes the embedded model; its adapters (drawn from torch's generator after
     # --seed) must equal those of every later run, which finds the model already written.
@@ -343,22 +328,3 @@ def test_writing_the_embedded_checkpoint_leaves_the_run_s_random_stream_alone(tm
     # and what was written is the same model as the shared one
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / "tiny-phi3" / name).read_bytes() == (cached / name).read_bytes(), name
-
-
-def test_a_checkpoint_is_replaced_whole_with_a_fault_between_any_two_files(tmp_path, monkeypatch):
-    from test_atomic_saves import assert_all_or_nothing
-
-    model = torch.nn.Sequential(lora.Linear(4, 4, r=2))
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    config = {**train_phi3.training_config, **train_phi3.peft_config}
-    path = tmp_path / "checkpoints" / "step-000002"
-    train_phi3.save_checkpoint(path, 2, 4, model, optimizer, scheduler, config, {"size": 1, "sha256": "a"})
-    with torch.no_grad():
-        model[0].lora_B.fill_(1.0)
-
-    def save():
-        train_phi3.save_checkpoint(path, 2, 4, model, optimizer, scheduler, {**config, "seed": 1},
-                                   {"size": 2, "sha256": "b"})
-
-    assert assert_all_or_nothing(monkeypatch, path, save) >= 3  # adapter, config, their renames, the swap

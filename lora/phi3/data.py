@@ -33,6 +33,7 @@ __all__ = [
     "pack_examples",
     "read_conversations",
     "step_indices",
+    "unigram_loss",
 ]
 
 
@@ -157,17 +158,21 @@ def pack_examples(examples: Sequence[Example], seq_len: int) -> list[Example]:
 
 @dataclass
 class Batch:
-    """Tensors for `Phi3ForCausalLM.loss`: `input_ids`, `labels` `(B, T)`; `position_ids` when packed."""
+    """Tensors for `Phi3ForCausalLM.loss`: `input_ids`, `labels` `(B, T)`; `position_ids` when packed.
+
+    `num_targets` counts the labels the loss covers, `num_tokens` the real (not padding) tokens.
+    """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None
     num_targets: int
+    num_tokens: int
 
     def to(self, device: torch.device) -> Batch:
         """The same batch on `device`."""
         positions = None if self.position_ids is None else self.position_ids.to(device)
-        return Batch(self.input_ids.to(device), self.labels.to(device), positions, self.num_targets)
+        return Batch(self.input_ids.to(device), self.labels.to(device), positions, self.num_targets, self.num_tokens)
 
 
 def collate(rows: Sequence[Example], pad_id: int) -> Batch:
@@ -191,7 +196,8 @@ def collate(rows: Sequence[Example], pad_id: int) -> Batch:
         if positions is not None:
             positions[b, :n] = torch.tensor(row.position_ids)
             positions[b, n:] = torch.arange(width - n)
-    return Batch(ids, labels, positions, int((labels[:, 1:] != IGNORE_INDEX).sum()))
+    num_tokens = sum(len(r.input_ids) for r in rows)
+    return Batch(ids, labels, positions, int((labels[:, 1:] != IGNORE_INDEX).sum()), num_tokens)
 
 
 def step_indices(num_rows: int, *, step: int, global_batch: int, seed: int) -> list[int]:
@@ -207,3 +213,18 @@ def step_indices(num_rows: int, *, step: int, global_batch: int, seed: int) -> l
     epoch, offset = divmod(step, steps_per_epoch)
     order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch))
     return order[offset * global_batch : (offset + 1) * global_batch].tolist()
+
+
+def unigram_loss(train: Sequence[Example], evaluation: Sequence[Example], vocab_size: int) -> float:
+    """Cross-entropy of `evaluation`'s target tokens under add-one unigram frequencies of `train`'s: what a model
+    that ignores context can reach, `-mean(log((count[t] + 1) / (N + V)))`.
+
+    A reference for a trained model's eval loss (the embedded random model starts above it).
+    """
+
+    def targets(rows: Sequence[Example]) -> torch.Tensor:
+        return torch.tensor([t for r in rows for t in r.labels[1:] if t != IGNORE_INDEX], dtype=torch.long)
+
+    counts = torch.bincount(targets(train), minlength=vocab_size).double() + 1
+    log_p = (counts / counts.sum()).log()
+    return float(-log_p[targets(evaluation)].mean())

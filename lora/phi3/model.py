@@ -333,13 +333,18 @@ class Phi3ForCausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         packed: bool = False,
         cache: KVCache | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits `(B, T, vocab)` for `input_ids` `(B, T)`.
+        """Logits `(B, T, vocab)` for `input_ids` `(B, T)`; with `labels`, the loss instead (see `loss`).
+
+        `model(ids, labels)` is what DDP wraps and FSDP2 hooks (their machinery runs on `forward`), as
+        nanoGPT's `model(x, targets)` and transformers' `model(input_ids, labels=...)`.
 
         `position_ids` `(B or 1, T)` default to `past + arange(T)`. `attention_mask` `(B, past + T)` has 1
         for real tokens and 0 for padding (right padding; left padding with matching position_ids, as
@@ -349,6 +354,11 @@ class Phi3ForCausalLM(nn.Module):
         plain call never changes the mask).
         `cache` is the `KVCache` that `generate` threads through.
         """
+        if labels is not None:
+            if cache is not None:
+                raise ValueError("labels (a loss) and a KV cache (generation) do not go together")
+            return self.loss(input_ids, labels, position_ids=position_ids, attention_mask=attention_mask,
+                             packed=packed, reduction=reduction)
         hidden = self.model(
             input_ids, position_ids=position_ids, attention_mask=attention_mask, packed=packed, cache=cache
         )
