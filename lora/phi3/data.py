@@ -25,6 +25,7 @@ from lora.phi3.chat import IGNORE_INDEX, ChatTemplate, check_conversation, encod
 from lora.phi3.tokenizer import Tokenizer
 
 __all__ = [
+    "LENGTH_POLICIES",
     "Batch",
     "EncodeStats",
     "Example",
@@ -36,6 +37,8 @@ __all__ = [
     "unigram_loss",
 ]
 
+
+LENGTH_POLICIES = ("truncate", "drop")  # what `encode_conversations` does with a conversation too long
 
 @dataclass
 class Example:
@@ -106,7 +109,7 @@ def encode_conversations(
 
     A truncated conversation that keeps no assistant token is dropped too. Stats count each outcome.
     """
-    if policy not in ("truncate", "drop"):
+    if policy not in LENGTH_POLICIES:
         raise ValueError(f"policy must be 'truncate' or 'drop', got {policy!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")

@@ -35,6 +35,7 @@ from torch import nn
 
 import lora
 from lora.atomic import atomic_directory, atomic_write, replace_directory
+from lora.phi3.schedule import replan
 
 __all__ = [
     "Metrics",
@@ -44,6 +45,7 @@ __all__ = [
     "load_checkpoint",
     "plot_losses",
     "prune_checkpoints",
+    "resume",
     "save_checkpoint",
     "write_config",
 ]
@@ -130,6 +132,29 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
+
+
+def resume(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LambdaLR, *, total_steps: int, data: dict[str, Any],
+           data_path: str | Path, sharded: bool = False) -> int:
+    """`load_checkpoint`, then the step to continue after: a ValueError if the run is already done, a warning
+    if the data file changed (`data`, its `data_identity`; `{}`: not checked), and the schedule re-planned
+    (`lora.phi3.schedule.replan`) when the run was extended beyond the checkpoint's planned total."""
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, sharded=sharded)
+    start, planned = state["step"], state.get("total_steps", total_steps)
+    if start >= total_steps:
+        raise ValueError(f"--resume {checkpoint}: already at step {start} of {total_steps}; a larger --max-steps "
+                         "extends the run")
+    if data and state.get("data", data) != data:
+        log.warning("--resume: %s changed since %s was saved (size %s -> %s bytes, SHA-256 %s... -> %s...); the run "
+                    "continues by row index, so it is not the continuation of the saved one", data_path, checkpoint,
+                    state["data"].get("size"), data["size"], str(state["data"].get("sha256"))[:12],
+                    data["sha256"][:12])
+    if planned != total_steps:
+        lr = replan(scheduler, scheduler.lr_lambdas[0], start)
+        log.info("schedule re-planned for %d steps (the checkpoint's run planned %d); lr %.3g at step %d",
+                 total_steps, planned, lr, start + 1)
+    return start
 
 
 def prune_checkpoints(ours: list[Path], limit: int, keep: Path | None) -> list[Path]:
