@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora
 from lora.phi3.schedule import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]

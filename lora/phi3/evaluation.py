@@ -27,8 +27,8 @@ __all__ = ["Evaluation"]
 @dataclass
 class Evaluation:
     """The eval set and the sample prompt: `evaluation(model, procs)` is `(eval loss, sample answer)`, computed
-    on a forked RNG (a training run's random stream never depends on evaluating) and leaving the model in
-    training mode."""
+    on a forked RNG (a training run's random stream never depends on evaluating), in eval mode (no dropout), and
+    leaving the model in training mode."""
 
     rows: list[Example]
     batch_size: int
@@ -42,7 +42,6 @@ class Evaluation:
         with torch.random.fork_rng(devices=procs.rng_devices):
             loss = self.loss(model, procs)
             sample = self.sample(model, procs.device) if procs.rank == 0 or procs.sharded else ""
-        model.train()
         return loss, sample
 
     @torch.no_grad()
@@ -66,6 +65,7 @@ class Evaluation:
             total[1] += weight * batch.num_targets
         if procs.world > 1:
             dist.all_reduce(total)
+        model.train()
         return float(total[0] / total[1])
 
     def sample(self, model: Phi3ForCausalLM, device: torch.device) -> str:
