@@ -24,9 +24,12 @@ from .layers import (
     MergedLinear,
     check_lora_shapes,
     check_lora_shapes_on_load,
+    lora_layers,
+    lora_scaling,
 )
 from .merging import disable_adapters, merge_lora, merged, merged_state_dict, unmerge_lora
 from .quant import QuantizedMergeError
+from .slices import LoRASlice
 from .trainable import lora_parameter_names, lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
@@ -40,6 +43,9 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "LoRASlice",
+    "lora_layers",
+    "lora_scaling",
     "mark_only_lora_as_trainable",
     "lora_state_dict",
     "lora_parameter_names",

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import quant
 from .atomic import atomic_write
-from .layers import LoRALayer, MergedLinear
+from .layers import LoRALayer, MergedLinear, lora_layers
 from .sharding import shard_like, writes_files
 from .trainable import lora_state_dict
 
@@ -88,13 +88,9 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     architecture = {key: config.get(key) for key in ARCHITECTURE_FIELDS if key in config}
     weights = {
         name: [list(quant.logical_shape(layer.weight)), str(quant.logical_dtype(layer.weight)).removeprefix("torch.")]
-        for name, layer in _lora_layers(model)
+        for name, layer in lora_layers(model, adapted_only=True)
     }
     return {"architecture": architecture, "weights": weights}
-
-
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora]
 
 
 def _layer_entry(layer: LoRALayer) -> dict[str, Any]:
@@ -108,7 +104,7 @@ def _layer_entry(layer: LoRALayer) -> dict[str, Any]:
 
 def adapter_metadata(model: nn.Module) -> dict[str, str]:
     """The header metadata ``save_adapter`` writes for ``model``."""
-    layers = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
+    layers = {name: _layer_entry(layer) for name, layer in lora_layers(model, adapted_only=True)}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True),
             "fingerprint": json.dumps(fingerprint(model), sort_keys=True)}
 
@@ -181,7 +177,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprin
         if tensors[name].shape != own[name].shape:
             raise AdapterMismatchError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                        f"the model's is {tuple(own[name].shape)}")
-    current = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
+    current = {name: _layer_entry(layer) for name, layer in lora_layers(model, adapted_only=True)}
     for name in sorted(current):
         for key in ("class", "r", "lora_alpha", "use_rslora", "split_sizes", "enable_lora", "use_dora"):
             # files written before DoRA existed have no use_dora: they are plain LoRA

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from torch import nn
 
 from . import lowrank, quant
 from .lowrank import autocast_enabled, compute_dtype, dropout_positions, lowrank_linear, no_autocast
+from .slices import LoRASlice, slice_layout
 
 __all__ = [
     "LoRALayer",
@@ -40,10 +41,34 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "check_flags",
+    "check_hyperparameters",
     "check_lora_shapes",
     "check_lora_shapes_on_load",
     "check_state_dict",
+    "lora_alpha_for",
+    "lora_layers",
+    "lora_scaling",
+    "refuse_quantized_merge",
 ]
+
+
+def lora_scaling(lora_alpha: float, r: int, *, use_rslora: bool = False) -> float:
+    """The factor on `B @ A`: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (Kalajdzievski, 2023).
+
+    >>> lora_scaling(32, 16), lora_scaling(32, 16, use_rslora=True)
+    (2.0, 8.0)
+    """
+    return lora_alpha / _rank_divisor(r, use_rslora)
+
+
+def lora_alpha_for(scaling: float, r: int, *, use_rslora: bool = False) -> float:
+    """The `lora_alpha` whose `lora_scaling` at rank `r` is `scaling` (PEFT's per-module `alpha_pattern`)."""
+    return scaling * _rank_divisor(r, use_rslora)
+
+
+def _rank_divisor(r: int, use_rslora: bool) -> float:
+    return math.sqrt(r) if use_rslora else r
 
 
 def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
@@ -109,7 +134,7 @@ class LoRALayer:
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
         if r > 0:
-            self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+            self.scaling = lora_scaling(lora_alpha, r, use_rslora=use_rslora)
         # A real module, not loralib's lambda: layers pickle, deep-copy and work under DDP.
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merge_weights = merge_weights
@@ -128,6 +153,41 @@ class LoRALayer:
         """
         with no_autocast(self.weight.device):
             return self._delta_weight()
+
+    # -- building: what every kind shares; each states its adapter shapes and its own checks ----------
+
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError(f"{type(self).__name__} does not define the shapes of lora_A and lora_B")
+
+    def _attach(self, adapter_dtype: torch.dtype | None, attributes: Mapping[str, Any]) -> None:
+        # The kind's own attributes, then zero adapters of its shapes (r > 0) in the adapter dtype.
+        for name, value in attributes.items():
+            setattr(self, name, value)
+        self._init_layout()
+        if self.r > 0:
+            a_shape, b_shape = self._adapter_shapes()
+            _init_adapters(self, a_shape, b_shape, _adapter_dtype(self.weight, adapter_dtype))
+
+    def _init_layout(self) -> None:
+        """Derive what the adapter shapes need from the kind's attributes (`Linear`: its `lora_slices`)."""
+
+    def _construct(self, base_init: Any, hyper: tuple, adapter_dtype: torch.dtype | None, **attributes: Any) -> None:
+        """The constructors' path: `base_init()` builds the torch layer, then the LoRA state and adapters, then
+        `reset_parameters()` draws base and adapters in loralib's order. `hyper`: `(r, lora_alpha, lora_dropout,
+        merge_weights, use_rslora)`."""
+        base_init()
+        r, lora_alpha, lora_dropout, merge_weights, use_rslora = hyper
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        self._attach(adapter_dtype, attributes)
+        self.reset_parameters()
+
+    @classmethod
+    def _wrap(cls, module: nn.Module, hyper: tuple, adapter_dtype: torch.dtype | None, **attributes: Any) -> Any:
+        """The `from_module` path: a `cls` sharing `module`'s Parameters (`_adopt`), with adapters at their init."""
+        layer = _adopt(cls, module, *hyper)
+        layer._attach(adapter_dtype, attributes)
+        layer.reset_lora_parameters()
+        return layer
 
     def _delta_weight(self) -> torch.Tensor:
         raise NotImplementedError(
@@ -179,9 +239,9 @@ class LoRALayer:
     def merge(self) -> None:
         """Use ``W + delta`` in forward (recomputed from the current adapters). Idempotent.
 
-        Refused (``lora.quant.QuantizedMergeError``) over a 4-bit base: see ``_refuse_quantized_merge``.
+        Refused (`lora.quant.QuantizedMergeError`) over a 4-bit base: see `refuse_quantized_merge`.
         """
-        _refuse_quantized_merge(self, "merge()")
+        refuse_quantized_merge(self, "merge()")
         if self.has_lora:
             self.merged_weight = self.merged_weight_tensor()
         self.merged = True
@@ -235,10 +295,13 @@ class LoRALayer:
         return text
 
 
-def _refuse_quantized_merge(layer: LoRALayer, what: str) -> None:
-    # W + delta has no 4-bit form equal to it: quantizing it again would move every weight by up to half a
-    # 4-bit step (the model would no longer be the one the adapters were trained on), and holding it in bf16
-    # beside the packed weight would cost 4x the base. A merged model is written instead, in bf16 or float32.
+def refuse_quantized_merge(layer: LoRALayer, what: str) -> None:
+    """Raise `lora.quant.QuantizedMergeError` (naming `what`) if `layer`'s base weight is 4-bit.
+
+    W + delta has no 4-bit form equal to it: quantizing it again would move every weight by up to half a
+    4-bit step (the model would no longer be the one the adapters were trained on), and holding it in bf16
+    beside the packed weight would cost 4x the base. A merged model is written instead, in bf16 or float32.
+    """
     if quant.is_quantized(getattr(layer, "weight", None)):
         raise quant.QuantizedMergeError(
             f"{type(layer).__name__}: {what} over a 4-bit (bitsandbytes) base weight is not supported: the merged "
@@ -246,13 +309,25 @@ def _refuse_quantized_merge(layer: LoRALayer, what: str) -> None:
             "merged bf16/float32 model with lora.phi3.merge_and_save (or lora.merged_state_dict)")
 
 
+def lora_layers(
+    model: nn.Module, *, adapted_only: bool = False, prefix: str = "", remove_duplicate: bool = True
+) -> Iterator[tuple[str, LoRALayer]]:
+    """`(name, layer)` for each `LoRALayer` in `model`, as `model.named_modules` names them; with
+    `adapted_only`, only those with an adapter (`r > 0`).
+
+    >>> [name for name, _ in lora_layers(nn.Sequential(Linear(4, 4, r=2), nn.ReLU(), Linear(4, 4)))]
+    ['0', '2']
+    """
+    for name, module in model.named_modules(prefix=prefix, remove_duplicate=remove_duplicate):
+        if isinstance(module, LoRALayer) and (module.has_lora or not adapted_only):
+            yield name, module
+
+
 def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
     """Raise ``ValueError`` naming the first ``lora_A``/``lora_B`` in ``state_dict`` whose shape differs
     from the one in ``model`` (keys under ``prefix``). Keys the model lacks are left to ``load_state_dict``.
     """
-    for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
-        if not isinstance(module, LoRALayer):
-            continue
+    for name, module in lora_layers(model, prefix=prefix.rstrip("."), remove_duplicate=False):
         for param_name in ("lora_A", "lora_B", "lora_magnitude"):
             param = module._parameters.get(param_name)
             key = f"{name}.{param_name}" if name else param_name
@@ -415,14 +490,15 @@ class Linear(LoRALayer, nn.Linear):
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
-        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
-        _check_dora(r, use_dora)
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            _init_adapters(self, (r, in_features), (out_features, r), _adapter_dtype(self.weight, adapter_dtype))
-        self.reset_parameters()
+        self._construct_linear(in_features, out_features, kwargs, (r, lora_alpha, lora_dropout, merge_weights,
+                               use_rslora), fan_in_fan_out, use_dora, adapter_dtype, {})
+
+    def _construct_linear(self, in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype,
+                          layout: Mapping[str, Any]) -> None:
+        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=hyper[3], use_rslora=hyper[4])
+        _check_dora(hyper[0], use_dora)
+        self._construct(lambda: nn.Linear.__init__(self, in_features, out_features, **kwargs), hyper, adapter_dtype,
+                        fan_in_fan_out=fan_in_fan_out, **layout)
         if fan_in_fan_out:
             self.weight.data = self.weight.data.t()
         if use_dora:
@@ -452,20 +528,34 @@ class Linear(LoRALayer, nn.Linear):
         >>> layer.weight is base.weight
         True
         """
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
-        _check_weight_layout(module, fan_in_fan_out)
+        cls._check_linear(module, fan_in_fan_out)
         _check_dora(r, use_dora)
         _check_quantized(cls, module, r, merge_weights, use_dora)
-        layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        layer.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            in_features, out_features = layer.in_features, layer.out_features
-            _init_adapters(layer, (r, in_features), (out_features, r), _adapter_dtype(layer.weight, adapter_dtype))
-            layer.reset_lora_parameters()
+        return cls._wrap_linear(module, (r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
+                                use_dora, adapter_dtype, {})
+
+    @classmethod
+    def _check_linear(cls, module: nn.Module, fan_in_fan_out: bool) -> None:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.Linear; got {type(module).__name__}")
+        _check_weight_layout(module, fan_in_fan_out)
+
+    @classmethod
+    def _wrap_linear(cls, module, hyper, fan_in_fan_out, use_dora, adapter_dtype, layout: Mapping[str, Any]):
+        layer = cls._wrap(module, hyper, adapter_dtype, fan_in_fan_out=fan_in_fan_out, **layout)
         if use_dora:
             layer._enable_dora()
         return layer
+
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # lora_A stacks an (r, in) block per slice, lora_B a (size, r) block per slice
+        return (self.r * len(self.lora_slices), self.in_features), (sum(s.size for s in self.lora_slices), self.r)
+
+    def _split(self) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return (self.out_features,), (True,)
+
+    def _init_layout(self) -> None:
+        self.lora_slices: tuple[LoRASlice, ...] = slice_layout(*self._split(), self.r)
 
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
@@ -501,20 +591,15 @@ class Linear(LoRALayer, nn.Linear):
         if self._parameters.get("lora_magnitude") is not None:
             self.init_dora_magnitude()
 
-    def _slices(self) -> tuple[tuple[int, int], ...]:
-        return ((0, self.out_features),)
-
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _lora_delta(self) -> torch.Tensor:
         # scaling * B_j @ A_j in each slice's rows, (out, in), in float32 (float64 for a float64 weight)
-        (A, B), r = self._delta_factors(), self.r
+        A, B = self._delta_factors()
         delta = torch.zeros(self.out_features, self.in_features, device=self.weight.device, dtype=A.dtype)
-        row = 0
-        for j, (offset, size) in enumerate(self._slices()):
-            delta[offset : offset + size] = B[row : row + size] @ A[j * r : (j + 1) * r]
-            row += size
+        for s in self.lora_slices:
+            delta[s.columns] = B[s.b_rows] @ A[s.a_rows]
         return delta.mul_(self.scaling)
 
     def _dora_weight(self) -> torch.Tensor:
@@ -522,11 +607,8 @@ class Linear(LoRALayer, nn.Linear):
         delta = self._lora_delta()
         merged = self._weight_out_in().to(delta.dtype).clone()
         scale = (self.lora_magnitude.to(delta.dtype) / self.dora_norm().to(delta.dtype)).detach()
-        row = 0
-        for offset, size in self._slices():
-            rows = slice(offset, offset + size)
-            merged[rows] = scale[row : row + size, None] * (merged[rows] + delta[rows])
-            row += size
+        for s in self.lora_slices:
+            merged[s.columns] = scale[s.b_rows, None] * (merged[s.columns] + delta[s.columns])
         return merged
 
     def _delta_weight(self) -> torch.Tensor:
@@ -549,7 +631,7 @@ class Linear(LoRALayer, nn.Linear):
     # -- DoRA ---------------------------------------------------------------------------------------
 
     def _enable_dora(self) -> None:
-        rows = sum(size for _, size in self._slices())
+        rows = sum(s.size for s in self.lora_slices)
         self.lora_magnitude = nn.Parameter(torch.zeros(rows, device=self.weight.device, dtype=self.lora_A.dtype))
         self.use_dora = True
         if not self.weight.is_meta:
@@ -602,17 +684,16 @@ class Linear(LoRALayer, nn.Linear):
     def _compute_dora_norm(self) -> torch.Tensor:
         with torch.no_grad(), no_autocast(self.weight.device):
             weight, squares = self._weight_out_in(), self._weight_row_squares()
-            (A, B), r, s = self._delta_factors(), self.r, self.scaling
-            WAs = [(weight[offset : offset + size] @ A[j * r : (j + 1) * r].t().to(weight.dtype)).to(A.dtype)
-                   for j, (offset, size) in enumerate(self._slices())]  # (size, r) each: the only real GEMMs
+            (A, B), s = self._delta_factors(), self.scaling
+            WAs = [(weight[part.columns] @ A[part.a_rows].t().to(weight.dtype)).to(A.dtype)
+                   for part in self.lora_slices]  # (size, r) each: the only real GEMMs
             with lowrank.one_thread(weight.device):  # the rest is rank-r sized
-                parts, row = [], 0
-                for j, (offset, size) in enumerate(self._slices()):
-                    A_j, B_j = A[j * r : (j + 1) * r], B[row : row + size]
+                parts = []
+                for part, WA in zip(self.lora_slices, WAs, strict=True):
+                    A_j, B_j = A[part.a_rows], B[part.b_rows]
                     # rowsum(B_j * (2 s W A_j^T + s^2 B_j A_j A_j^T)) = the two terms of n^2 beyond ||W_i||^2
-                    inner = torch.addmm(WAs[j], B_j, A_j @ A_j.t(), beta=2 * s, alpha=s * s)
-                    parts.append(torch.linalg.vecdot(B_j, inner).add_(squares[offset : offset + size]))
-                    row += size
+                    inner = torch.addmm(WA, B_j, A_j @ A_j.t(), beta=2 * s, alpha=s * s)
+                    parts.append(torch.linalg.vecdot(B_j, inner).add_(squares[part.columns]))
                 squared = torch.cat(parts) if len(parts) > 1 else parts[0]
                 return squared.clamp_min_(0).sqrt_()
 
@@ -640,7 +721,7 @@ class Linear(LoRALayer, nn.Linear):
             self.lora_B,
             self.scaling,
             p=p,
-            slices=self._slices(),
+            slices=self.lora_slices,
             fan_in_fan_out=self.fan_in_fan_out,
             col_scale=col_scale,
         )
@@ -667,15 +748,15 @@ class Linear(LoRALayer, nn.Linear):
             base, on_dropped = F.linear(x, weight, bias), F.linear(x_drop, weight)
             xa = x_drop @ self.lora_A.to(dtype).t()
             scale = col_scale.to(dtype)
-            r, out = self.r, self.out_features
-            pieces, last, row = [], 0, 0
-            for j, (offset, size) in enumerate(self._slices()):
-                if offset > last:
-                    pieces.append(base[..., last:offset])
-                cols, c = slice(offset, offset + size), scale[row : row + size]
-                lora = xa[..., j * r : (j + 1) * r] @ self.lora_B[row : row + size].to(dtype).t()
+            out = self.out_features
+            pieces, last = [], 0
+            for s in self.lora_slices:
+                if s.offset > last:
+                    pieces.append(base[..., last : s.offset])
+                cols, c = s.columns, scale[s.b_rows]
+                lora = xa[..., s.a_rows] @ self.lora_B[s.b_rows].to(dtype).t()
                 pieces.append(base[..., cols] + (c - 1) * on_dropped[..., cols] + c * self.scaling * lora)
-                last, row = offset + size, row + size
+                last = s.offset + s.size
             if last < out:
                 pieces.append(base[..., last:out])
             return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
@@ -705,15 +786,9 @@ class Linear(LoRALayer, nn.Linear):
         else:
             result = F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
         xa = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-        r = self.r
-        parts, row = [], 0
-        for j, (offset, size) in enumerate(self._slices()):
-            out_j = xa[..., j * r : (j + 1) * r] @ self.lora_B[row : row + size].t()
-            row += size
-            parts.append((offset, size, out_j))
         delta = torch.zeros(*result.shape, dtype=xa.dtype, device=result.device)
-        for offset, size, out_j in parts:
-            delta[..., offset : offset + size] = out_j
+        for s in self.lora_slices:
+            delta[..., s.columns] = xa[..., s.a_rows] @ self.lora_B[s.b_rows].t()
         return result + (delta * self.scaling).to(result.dtype)
 
 
@@ -761,20 +836,9 @@ class MergedLinear(Linear):
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
-        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
-        _check_dora(r, use_dora)
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
-        self.fan_in_fan_out = fan_in_fan_out
-        self.enable_lora = enable_lora
-        self.split_sizes = split_sizes
-        if r > 0:
-            self._init_slices(adapter_dtype)
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.t()
-        if use_dora:
-            self._enable_dora()
+        self._construct_linear(in_features, out_features, kwargs, (r, lora_alpha, lora_dropout, merge_weights,
+                               use_rslora), fan_in_fan_out, use_dora, adapter_dtype,
+                               {"enable_lora": enable_lora, "split_sizes": split_sizes})
 
     @classmethod
     def from_module(  # type: ignore[override]
@@ -801,25 +865,15 @@ class MergedLinear(Linear):
         >>> layer.weight is qkv.weight
         True
         """
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"MergedLinear.from_module expects an nn.Linear; got {type(module).__name__}")
-        _check_weight_layout(module, fan_in_fan_out)
+        cls._check_linear(module, fan_in_fan_out)
         check_hyperparameters(r, lora_alpha, lora_dropout)
         _check_quantized(cls, module, r, merge_weights, use_dora)
         if enable_lora is None:
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
         _check_dora(r, use_dora)
-        layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        layer.fan_in_fan_out = fan_in_fan_out
-        layer.enable_lora = enable_lora
-        layer.split_sizes = split_sizes
-        if r > 0:
-            layer._init_slices(adapter_dtype)
-            layer.reset_lora_parameters()
-        if use_dora:
-            layer._enable_dora()
-        return layer
+        return cls._wrap_linear(module, (r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
+                                use_dora, adapter_dtype, {"enable_lora": enable_lora, "split_sizes": split_sizes})
 
     @staticmethod
     def _check_slices(
@@ -853,18 +907,8 @@ class MergedLinear(Linear):
             )
         return enable, sizes
 
-    def _init_slices(self, adapter_dtype: torch.dtype | None) -> None:
-        slices = self._slices()
-        dtype = _adapter_dtype(self.weight, adapter_dtype)
-        _init_adapters(self, (self.r * len(slices), self.in_features), (sum(s for _, s in slices), self.r), dtype)
-
-    def _slices(self) -> tuple[tuple[int, int], ...]:
-        slices, offset = [], 0
-        for size, on in zip(self.split_sizes, self.enable_lora, strict=True):
-            if on:
-                slices.append((offset, size))
-            offset += size
-        return tuple(slices)
+    def _split(self) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return self.split_sizes, self.enable_lora
 
 
 class Embedding(LoRALayer, nn.Embedding):
@@ -889,18 +933,13 @@ class Embedding(LoRALayer, nn.Embedding):
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        check_hyperparameters(r, lora_alpha, 0.0)
-        if r > 0 and kwargs.get("sparse"):
-            raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
+        self._check_sparse(r, lora_alpha, kwargs.get("sparse"))
         padding_idx = kwargs.get("padding_idx")
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx must be in [-num_embeddings, num_embeddings) = [{-num_embeddings}, "
                              f"{num_embeddings}); got {padding_idx}")
-        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights, use_rslora=use_rslora)
-        if r > 0:
-            _init_adapters(self, (r, num_embeddings), (embedding_dim, r), _adapter_dtype(self.weight, adapter_dtype))
-        self.reset_parameters()
+        self._construct(lambda: nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs),
+                        (r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
 
     @classmethod
     def from_module(
@@ -916,14 +955,18 @@ class Embedding(LoRALayer, nn.Embedding):
         """Wrap ``module`` without copying: the layer shares its ``weight`` Parameter."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
-        layer = _adopt(cls, module, r, lora_alpha, 0.0, merge_weights, use_rslora)
-        if r > 0 and module.sparse:
+        _refuse_lora_layer(cls, module)
+        cls._check_sparse(r, lora_alpha, module.sparse)
+        return cls._wrap(module, (r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
+
+    @staticmethod
+    def _check_sparse(r: int, lora_alpha: float, sparse: bool | None) -> None:
+        check_hyperparameters(r, lora_alpha, 0.0)
+        if r > 0 and sparse:
             raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
-        if r > 0:
-            shape_a, shape_b = (r, layer.num_embeddings), (layer.embedding_dim, r)
-            _init_adapters(layer, shape_a, shape_b, _adapter_dtype(layer.weight, adapter_dtype))
-            layer.reset_lora_parameters()
-        return layer
+
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
 
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)
@@ -1011,16 +1054,14 @@ class ConvLoRA(LoRALayer):
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
-        conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
-        self.loralib_layout = self._is_loralib_layout(kernel_size)
-        if r > 0:
-            self._init_conv_adapters(adapter_dtype)
-        self.reset_parameters()
+        self._construct(lambda: conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs),
+                        (r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
+                        loralib_layout=self._is_loralib_layout(kernel_size))
         self._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
 
-    def _is_loralib_layout(self, kernel_size: int | tuple[int, ...]) -> bool:
-        return isinstance(kernel_size, int) and (isinstance(self, nn.Conv2d) or kernel_size == 1)
+    @classmethod
+    def _is_loralib_layout(cls, kernel_size: int | tuple[int, ...]) -> bool:
+        return isinstance(kernel_size, int) and (issubclass(cls, nn.Conv2d) or kernel_size == 1)
 
     @classmethod
     def from_module(
@@ -1041,12 +1082,10 @@ class ConvLoRA(LoRALayer):
         if target is None or cls not in (ConvLoRA, target):
             expected = "an nn.Conv1d, nn.Conv2d or nn.Conv3d" if cls is ConvLoRA else f"an nn.{cls.__name__}"
             raise TypeError(f"{cls.__name__}.from_module expects {expected}; got {type(module).__name__}")
-        layer = _adopt(target, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         ks = module.kernel_size
-        layer.loralib_layout = layer._is_loralib_layout(ks[0] if len(set(ks)) == 1 else ks)
-        if r > 0:
-            layer._init_conv_adapters(adapter_dtype)
-            layer.reset_lora_parameters()
+        square = ks[0] if len(set(ks)) == 1 else ks
+        layer = target._wrap(module, (r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
+                             loralib_layout=target._is_loralib_layout(square))
         layer._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
         return layer
 
@@ -1055,15 +1094,12 @@ class ConvLoRA(LoRALayer):
         """The layer itself: loralib 0.1.2 kept the conv in ``self.conv``."""
         return self
 
-    def _init_conv_adapters(self, adapter_dtype: torch.dtype | None) -> None:
-        r, groups = self.r, self.groups
-        dtype = _adapter_dtype(self.weight, adapter_dtype)
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        r = self.r
         if self.loralib_layout:
             k = self.kernel_size[0]
-            _init_adapters(self, (r * k, self.in_channels * k), (self.out_channels // groups * k, r * k), dtype)
-        else:
-            fan_in = self.weight[0].numel()  # in/groups * K
-            _init_adapters(self, (r, fan_in), (self.out_channels, r), dtype)
+            return (r * k, self.in_channels * k), (self.out_channels // self.groups * k, r * k)
+        return (r, self.weight[0].numel()), (self.out_channels, r)  # weight[0].numel(): in/groups * K
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -39,9 +39,11 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+
+from .slices import LoRASlice, pair_layout
 
 __all__ = [
     "autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "new_seed", "no_autocast", "one_thread",
@@ -155,7 +157,7 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
                  quant_state):
-        # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order;
+        # x: (N, in); slices: the LoRASlices of the adapted output columns (lora.slices), in B's row order;
         # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
         # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward)
         dtype = x.dtype
@@ -182,7 +184,7 @@ class _LowRankLinear(torch.autograd.Function):
         n = x.shape[0]
         out = quant_state.shape[0] if quant_state is not None else weight.shape[1 if fan_in_fan_out else 0]
         first_bias = None if col_scale is not None else bias  # DoRA scales W x + s B A x, not the bias
-        covered = first_bias is None and sum(size for _, size in slices) == out
+        covered = first_bias is None and sum(s.size for s in slices) == out
         if covered:
             y = torch.empty(n, out, dtype=dtype, device=x.device)
         elif first_bias is None:
@@ -190,12 +192,9 @@ class _LowRankLinear(torch.autograd.Function):
         else:
             y = torch.empty(n, out, dtype=dtype, device=x.device).copy_(first_bias)
         beta = 0.0 if covered else 1.0
-        r = A.shape[0] // len(slices)
-        row = 0
-        for j, (offset, size) in enumerate(slices):
-            y[:, offset : offset + size].addmm_(xa[:, j * r : (j + 1) * r], B[row : row + size].t(), beta=beta,
-                                                alpha=scaling)
-            row += size
+        for s in slices:
+            y[:, s.offset : s.offset + s.size].addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r],
+                                                      B[s.row : s.row + s.size].t(), beta=beta, alpha=scaling)
         unscaled = None
         if col_scale is not None:
             # DoRA scales the frozen GEMM's output, so that GEMM runs here (otherwise just after the Function)
@@ -231,19 +230,16 @@ class _LowRankLinear(torch.autograd.Function):
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
-        r = A.shape[0] // len(slices)
 
         # G_j = scaling / (1 - p) * dy[:, slice_j] @ B_j side by side, and dB_j = scaling * dy[:, slice_j].T @ xa_j,
         # each written in place with the scale as the GEMM's alpha: no concatenation, no scaling pass.
         g = torch.empty(dy.shape[0], A.shape[0], dtype=dtype, device=dy.device)
         dB = torch.empty(B.shape, dtype=grad_dtype, device=dy.device)
         xa_grad = xa.to(grad_dtype)
-        row = 0
-        for j, (offset, size) in enumerate(slices):
-            dy_j, cols = dy[:, offset : offset + size], slice(j * r, (j + 1) * r)
-            g[:, cols].addmm_(dy_j, B[row : row + size], beta=0.0, alpha=scaling / (1.0 - p))
-            dB[row : row + size].t().addmm_(xa_grad[:, cols].t(), dy_j.to(grad_dtype), beta=0.0, alpha=scaling)
-            row += size
+        for s in slices:
+            dy_j, cols, rows = dy[:, s.offset : s.offset + s.size], slice(s.index * s.r, (s.index + 1) * s.r), s.row
+            g[:, cols].addmm_(dy_j, B[rows : rows + s.size], beta=0.0, alpha=scaling / (1.0 - p))
+            dB[rows : rows + s.size].t().addmm_(xa_grad[:, cols].t(), dy_j.to(grad_dtype), beta=0.0, alpha=scaling)
         dB = dB.to(lora_B.dtype)
 
         dropped_x = x
@@ -285,15 +281,17 @@ def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
     return dequantize(packed, quant_state).to(dtype)
 
 
-def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> None:
-    """Multiply each slice's columns of ``y`` in place by its part of ``scale`` (in the slices' order)."""
-    if len(slices) == 1 and slices[0] == (0, y.shape[1]):
+def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[LoRASlice, ...]) -> None:
+    """Multiply each slice's columns of `y` in place by its part of `scale` (in the slices' order)."""
+    if _whole(slices, y.shape[1]):
         y.mul_(scale)
         return
-    row = 0
-    for offset, size in slices:
-        y[:, offset : offset + size].mul_(scale[row : row + size])
-        row += size
+    for s in slices:
+        y[:, s.offset : s.offset + s.size].mul_(scale[s.row : s.row + s.size])
+
+
+def _whole(slices: tuple[LoRASlice, ...], out: int) -> bool:
+    return len(slices) == 1 and slices[0].offset == 0 and slices[0].size == out
 
 
 def _dora_backward(dy, y, bias, col_scale, slices, y_is_unscaled):
@@ -305,15 +303,13 @@ def _dora_backward(dy, y, bias, col_scale, slices, y_is_unscaled):
     unscaled = y if y_is_unscaled else (y - bias if bias is not None else y)
     scale, wide = col_scale.to(dy.dtype), torch.promote_types(dy.dtype, torch.float32)
     dscale = torch.empty(col_scale.shape, dtype=wide, device=dy.device)
-    row = 0
-    for offset, size in slices:
-        cols = slice(offset, offset + size)
+    for s in slices:
+        cols = slice(s.offset, s.offset + s.size)
         # vecdot: one pass, no product tensor (a product and a float32 sum over dim 0 took 2-6x as long)
-        dscale[row : row + size] = torch.linalg.vecdot(dy[:, cols], unscaled[:, cols], dim=0)
-        row += size
+        dscale[s.row : s.row + s.size] = torch.linalg.vecdot(dy[:, cols], unscaled[:, cols], dim=0)
     if not y_is_unscaled:
         dscale /= col_scale.to(wide)
-    if len(slices) == 1 and slices[0] == (0, dy.shape[1]):
+    if _whole(slices, dy.shape[1]):
         return dscale.to(col_scale.dtype), dy * scale
     scaled = dy.clone()
     _scale_columns(scaled, scale, slices)
@@ -329,7 +325,7 @@ def lowrank_linear(
     scaling: float,
     *,
     p: float = 0.0,
-    slices: tuple[tuple[int, int], ...],
+    slices: Sequence[LoRASlice] | Sequence[tuple[int, int]],
     fan_in_fan_out: bool = False,
     col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -340,8 +336,9 @@ def lowrank_linear(
     gradient.
 
     ``x`` may have any leading dimensions. ``p`` is the dropout rate (0 in eval mode).
-    ``slices`` lists ``(offset, size)`` of the adapted output columns; ``lora_A`` stacks one (r, in)
-    block per slice and ``lora_B`` one (size, r) block per slice, in the same order. Computes in
+    ``slices`` lists the adapted output columns: a layer's ``lora_slices`` (``lora.slices.LoRASlice``), or
+    ``(offset, size)`` pairs; ``lora_A`` stacks one (r, in) block per slice and ``lora_B`` one (size, r) block
+    per slice, in the same order. Computes in
     ``compute_dtype(x)``: under autocast, ``x``, ``weight`` and ``bias`` are cast to autocast's dtype (the
     output and ``dx`` are in it, as a frozen ``nn.Linear``'s would be), the adapters are not.
     """
@@ -374,8 +371,10 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan
     backward computes dx and autograd records no second use of W. The Function's saved tensors are then the
     last a checkpointed layer saves, so its recomputation, which stops once every saved tensor is back, skips
     the last projection's frozen GEMM and dequantization (backward never needs that output), as it does for a
-    frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function.
+    frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function. ``slices``: LoRASlices, or
+    ``(offset, size)`` pairs in ``lora_B``'s row order.
     """
+    slices = pair_layout(slices, lora_A.shape[0] // max(len(slices), 1))
     y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
                              quant_state)
     if col_scale is None:

@@ -14,15 +14,9 @@ import torch
 from torch import nn
 
 from . import quant
-from .layers import LoRALayer, _refuse_quantized_merge
+from .layers import LoRALayer, lora_layers, refuse_quantized_merge
 
 __all__ = ["merge_lora", "unmerge_lora", "merged", "merged_state_dict", "disable_adapters"]
-
-
-def _lora_layers(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator[tuple[str, LoRALayer]]:
-    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
-        if isinstance(module, LoRALayer):
-            yield name, module
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -31,9 +25,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Costs one weight-sized tensor per adapted layer until ``unmerge_lora``. Refused, before any layer merges,
     when a layer's base is 4-bit (``lora.quant.QuantizedMergeError``; ``merged_state_dict`` works there).
     """
-    layers = [layer for _, layer in _lora_layers(model)]
+    layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
-        _refuse_quantized_merge(layer, "merge_lora")
+        refuse_quantized_merge(layer, "merge_lora")
     for layer in layers:
         layer.merge()
     return model
@@ -41,7 +35,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo ``merge_lora``: the frozen weights are exactly what they were. Returns ``model``."""
-    for _, layer in _lora_layers(model):
+    for _, layer in lora_layers(model):
         layer.unmerge()
     return model
 
@@ -54,7 +48,7 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
     >>> with lora.merged(model):
     ...     y = model(x)
     """
-    was_merged = [(layer, layer.merged) for _, layer in _lora_layers(model)]
+    was_merged = [(layer, layer.merged) for _, layer in lora_layers(model)]
     try:
         merge_lora(model)  # inside the try: a merge failing part-way (out of memory) is undone too
         yield model
@@ -67,7 +61,7 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (a reference model, or to compare with the base)."""
-    previous = [(layer, layer.adapters_disabled) for _, layer in _lora_layers(model)]
+    previous = [(layer, layer.adapters_disabled) for _, layer in lora_layers(model)]
     for layer, _ in previous:
         layer.adapters_disabled = True
     try:
@@ -97,10 +91,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[head] = quant.dequantize(weight)
     merged_weights: dict[int, torch.Tensor] = {}
     # every name a shared layer has, as state_dict() lists them all; its merged weight is computed once
-    for name, layer in _lora_layers(model, remove_duplicate=False):
+    for name, layer in lora_layers(model, adapted_only=True, remove_duplicate=False):
         prefix = f"{name}." if name else ""
-        if not layer.has_lora:
-            continue
         if id(layer) not in merged_weights:
             merged_weights[id(layer)] = layer.merged_weight_tensor()
         for key in [k for k in state if k.startswith(prefix + "weight.")]:

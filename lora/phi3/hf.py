@@ -36,7 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from lora.adapter import load_adapter, save_adapter
-from lora.layers import LoRALayer
+from lora.layers import lora_layers
 from lora.phi3.model import Phi3ForCausalLM
 from lora.phi3.peft_format import save_peft_adapter
 
@@ -51,7 +51,7 @@ def _adapted_model(model: nn.Module) -> nn.Module:
 
 
 def _has_trainable_adapters(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALayer) and m.has_lora and m.lora_A.requires_grad for m in model.modules())
+    return any(layer.lora_A.requires_grad for _, layer in lora_layers(model, adapted_only=True))
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from lora import quant
 from lora.atomic import atomic_directory
-from lora.layers import LoRALayer
+from lora.layers import lora_layers
 from lora.phi3.checkpoint import _parse_size, from_pretrained
 from lora.sharding import is_sharded
 
@@ -51,7 +51,7 @@ class MergeVerificationError(RuntimeError):
 
 def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, Callable[[], torch.Tensor]]]:
     """(name, shape, dtype, produce) for every tensor of the plain checkpoint, in state-dict order."""
-    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    adapted = dict(lora_layers(model))
     # 4-bit weights (adapted or not) by their name: written dequantized, their quant-state keys left out
     packed = {f"{name}.weight": m.weight for name, m in model.named_modules()
               if quant.is_quantized(m._parameters.get("weight"))}
@@ -59,13 +59,13 @@ def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, C
     plan = []
     for name, tensor in model.state_dict(keep_vars=True).items():
         module_name, _, leaf = name.rpartition(".")
-        if module_name in lora_layers and leaf in lora_layers[module_name].adapter_parameter_names():
+        if module_name in adapted and leaf in adapted[module_name].adapter_parameter_names():
             continue
         if tied and name == "lm_head.weight":
             continue
         if any(name.startswith(weight + ".") for weight in packed):
             continue  # `<weight>.absmax` and the rest of a 4-bit weight's quant state
-        layer = lora_layers.get(module_name)
+        layer = adapted.get(module_name)
         shape, dtype = quant.logical_shape(tensor), quant.logical_dtype(tensor)
         if layer is not None and leaf == "weight" and (layer.has_lora or name in packed):
             produce = layer.merged_weight_tensor
@@ -134,7 +134,7 @@ def merge_and_save(
     if root.exists() and (not root.is_dir() or (not overwrite and any(root.iterdir()))):
         raise FileExistsError(f"{root}: already exists and is not an empty directory; choose a new path "
                               "(or pass overwrite=True to replace a directory)")
-    if not any(isinstance(m, LoRALayer) and m.has_lora for m in model.modules()):
+    if not any(lora_layers(model, adapted_only=True)):
         raise ValueError("the model has no adapters to merge (patch it or load an adapter first)")
     if is_sharded(model):
         raise ValueError("merge_and_save needs the whole model in one process, not one sharded with FSDP2: after "

@@ -20,9 +20,20 @@ import torch
 from torch import nn
 
 from lora import quant
-from lora.layers import Linear, LoRALayer, MergedLinear, check_flags, check_hyperparameters, check_lora_shapes_on_load
+from lora.layers import (
+    Linear,
+    LoRALayer,
+    MergedLinear,
+    check_flags,
+    check_hyperparameters,
+    check_lora_shapes_on_load,
+    lora_layers,
+)
 
-__all__ = ["DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "is_patchable", "patch"]
+__all__ = [
+    "DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "apply_specs", "is_patchable",
+    "patch", "plan_modules", "resolve_targets", "split_sizes",
+]
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # module name -> (parent attribute in a decoder layer, names of its output slices)
@@ -187,7 +198,7 @@ def apply_specs(model: nn.Module, specs: Sequence[ModuleSpec], adapter_dtype: to
     Every module is checked and every new layer built before the first swap, so an error leaves the
     model as it was.
     """
-    if any(isinstance(m, LoRALayer) for m in model.modules()):
+    if any(lora_layers(model)):
         raise ValueError("the model is already patched (it has LoRA layers); load a fresh model to patch again")
     if not specs:
         raise ValueError("nothing to patch: no module matches the targets and layers given")
