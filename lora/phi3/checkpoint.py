@@ -39,7 +39,10 @@ from lora.phi3.config import Phi3Config
 from lora.phi3.model import Phi3ForCausalLM
 from lora.sharding import is_sharded
 
-__all__ = ["CheckpointPlan", "from_pretrained", "plan_checkpoint", "save_pretrained"]
+__all__ = [
+    "CheckpointPlan", "from_pretrained", "parse_size", "plan_checkpoint", "plan_shards", "save_pretrained",
+    "write_shard_index",
+]
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -386,7 +389,7 @@ def _load_prequantized(model: Phi3ForCausalLM, plan: CheckpointPlan, device: tor
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     """Bytes in `size`: an int, or a string such as "5GB" (10^9) or "2GiB" (2^30)."""
     if isinstance(size, int):
         value = size
@@ -400,18 +403,32 @@ def _parse_size(size: int | str) -> int:
     return value
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split in order into groups of at most `max_bytes` (a larger tensor gets a shard of its own)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def plan_shards(sizes: dict[str, int], max_shard_size: int | str) -> dict[str, list[str]]:
+    """The checkpoint's files and the tensors each holds: `sizes` (name: bytes) split in order into files of at
+    most `max_shard_size` bytes (a larger tensor gets a file of its own), named `model.safetensors` when one
+    file holds everything, else `model-0000i-of-0000n.safetensors`.
+
+    Example: `plan_shards({"a": 6, "b": 6}, 10) == {"model-00001-of-00002.safetensors": ["a"], ...}`.
+    """
+    max_bytes = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         size += nbytes
-    return shards
+    if len(shards) == 1:
+        return {SINGLE_FILE_NAME: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": names for i, names in enumerate(shards)}
+
+
+def write_shard_index(directory: Path, files: dict[str, list[str]], sizes: dict[str, int]) -> None:
+    """Write `model.safetensors.index.json` for the files of `plan_shards` (nothing for a single file)."""
+    if len(files) > 1:
+        weight_map = {name: file for file, names in files.items() for name in names}
+        _write_json(directory / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -432,7 +449,7 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
     if is_sharded(model):
         raise ValueError("save_pretrained needs the whole model in one process, not one sharded with FSDP2 (save "
                          "the adapter with lora.save_adapter, on every rank; the base is the checkpoint it came from)")
-    max_bytes = _parse_size(max_shard_size)
+    parse_size(max_shard_size)  # a bad size is refused before anything else
     tensors = {
         name: tensor.detach()
         for name, tensor in model.state_dict().items()
@@ -453,22 +470,16 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
     generation = model.generation_config or {
         k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
     }
-    shards = _shards(tensors, max_bytes)
-    if len(shards) == 1:
-        names = [SINGLE_FILE_NAME]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in tensors.items()}
+    files = plan_shards(sizes, max_shard_size)
 
     # The files of an earlier save are replaced as a whole; anything else there (a tokenizer) is carried over.
     ours = {INDEX_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
     with atomic_directory(root, carry=lambda name: name not in ours and not _WEIGHT_FILE.fullmatch(name)) as tmp:
-        for name, shard in zip(names, shards, strict=True):
+        for file, names in files.items():
             # One shard at a time on the host: a GPU model never needs a full CPU copy.
-            host = {k: t.contiguous().cpu() for k, t in shard.items()}
-            save_file(host, tmp / name, metadata={"format": "pt"})
-        if len(shards) > 1:
-            weight_map = {t: name for name, shard in zip(names, shards, strict=True) for t in shard}
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            host = {name: tensors[name].contiguous().cpu() for name in names}
+            save_file(host, tmp / file, metadata={"format": "pt"})
+        write_shard_index(tmp, files, sizes)
         _write_json(tmp / CONFIG_NAME, config)
         _write_json(tmp / GENERATION_CONFIG_NAME, generation)

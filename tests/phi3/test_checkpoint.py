@@ -218,7 +218,7 @@ def test_bad_max_shard_size(tiny_dir: Path, tmp_path: Path) -> None:
     model = from_pretrained(tiny_dir)
     with pytest.raises(ValueError, match=r"max_shard_size must be an int or a size like '5GB'"):
         save_pretrained(model, tmp_path / "x", max_shard_size="lots")
-    assert checkpoint._parse_size("2GiB") == 2 * 2**30 and checkpoint._parse_size("5GB") == 5 * 10**9
+    assert checkpoint.parse_size("2GiB") == 2 * 2**30 and checkpoint.parse_size("5GB") == 5 * 10**9
 
 
 def test_copy_of_directory_loads(tiny_dir: Path, tmp_path: Path) -> None:

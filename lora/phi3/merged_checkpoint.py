@@ -1,4 +1,4 @@
-"""Merge the adapters into the base weights and write a plain checkpoint that transformers loads.
+"""`merge_and_save`: merge the adapters into the base weights and write a plain checkpoint that transformers loads.
 
 The merged weights are computed and written one tensor at a time, straight into safetensors files, so
 the model is never held twice in memory. Before the directory is renamed into place, the written
@@ -29,7 +29,7 @@ from torch import nn
 from lora import quant
 from lora.atomic import atomic_directory
 from lora.layers import lora_layers
-from lora.phi3.checkpoint import _parse_size, from_pretrained
+from lora.phi3.checkpoint import from_pretrained, parse_size, plan_shards, write_shard_index
 from lora.sharding import is_sharded
 
 __all__ = ["merge_and_save", "MergeVerificationError"]
@@ -84,7 +84,7 @@ def _write_safetensors(path: Path, items: list[tuple[str, torch.Size, torch.dtyp
     for name, shape, dtype, _ in items:
         if dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{name}: dtype {dtype} cannot be written (float32, bfloat16 or float16 expected)")
-        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = shape.numel() * dtype.itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -140,19 +140,10 @@ def merge_and_save(
         raise ValueError("merge_and_save needs the whole model in one process, not one sharded with FSDP2: after "
                          "training, load the base (from_pretrained), patch it the same way, load_adapter the saved "
                          "adapter file and merge that")
-    max_bytes = _parse_size(max_shard_size)
-    plan = _tensor_plan(model)
-    shards: list[list] = [[]]
-    size = 0
-    for item in plan:
-        nbytes = item[1].numel() * torch.empty((), dtype=item[2]).element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    parse_size(max_shard_size)  # a bad size is refused before anything else
+    plan = {item[0]: item for item in _tensor_plan(model)}
+    sizes = {name: shape.numel() * dtype.itemsize for name, shape, dtype, _ in plan.values()}
+    files = plan_shards(sizes, max_shard_size)
 
     vocab = int(model.config.vocab_size)
     ids = probe_ids if probe_ids is not None else (torch.arange(32).view(2, 16) * 7919 + 11) % vocab
@@ -168,15 +159,11 @@ def merge_and_save(
         with atomic_directory(root, replace=overwrite) as tmp:
             with torch.no_grad():
                 expected = _logits(model, ids)
-            for name, shard in zip(names, shards, strict=True):
-                _write_safetensors(tmp / name, shard)
-            if len(shards) > 1:
-                weight_map = {item[0]: name for name, shard in zip(names, shards, strict=True) for item in shard}
-                total = sum(item[1].numel() * torch.empty((), dtype=item[2]).element_size() for item in plan)
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for file, names in files.items():
+                _write_safetensors(tmp / file, [plan[name] for name in names])
+            write_shard_index(tmp, files, sizes)
             config = model.config.to_dict()
-            dtypes = {item[2] for item in plan}
+            dtypes = {item[2] for item in plan.values()}
             if len(dtypes) == 1:
                 config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
             config.pop("torch_dtype", None)
@@ -197,7 +184,7 @@ def merge_and_save(
                 actual = _logits(merged, ids)
             del merged
             difference = (actual - expected).abs().max().item()
-            weight_dtype = next(item[2] for item in plan if item[0].endswith("proj.weight"))
+            weight_dtype = next(item[2] for item in plan.values() if item[0].endswith("proj.weight"))
             limit = (tolerance if tolerance is not None
                      else _TOLERANCE[weight_dtype] * max(1.0, expected.abs().max().item()))
             if not difference <= limit:
