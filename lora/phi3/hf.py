@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from lora.adapter import load_adapter, save_adapter
 from lora.layers import lora_layers
+from lora.phi3.config import architecture
 from lora.phi3.model import Phi3ForCausalLM
 from lora.phi3.peft_format import save_peft_adapter
 
@@ -64,7 +65,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
     model = _adapted_model(model)
     path = Path(path)
     save_peft_adapter(model, path)
-    save_adapter(model, path / ADAPTER_NAME)
+    save_adapter(model, path / ADAPTER_NAME, architecture=architecture(model.config))
 
 
 class LoRATrainerMixin:
@@ -104,7 +105,8 @@ class LoRATrainerMixin:
                 f"{adapter}: no adapter file in the checkpoint {resume_from_checkpoint} (a {type(self).__name__} "
                 "checkpoint holds one; a checkpoint of a plain Trainer holds the whole model instead)"
             )
-        load_adapter(_adapted_model(model if model is not None else self.model), adapter)
+        model = _adapted_model(model if model is not None else self.model)
+        load_adapter(model, adapter, architecture=architecture(model.config))
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
