@@ -21,7 +21,7 @@ import math
 import numbers
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -110,6 +110,16 @@ def _adapter_dtype(weight: torch.Tensor, adapter_dtype: torch.dtype | None) -> t
     return weight.dtype
 
 
+class _Hyper(NamedTuple):
+    """A layer's LoRA hyperparameters as its constructor and `from_module` take them (checked by `LoRALayer`)."""
+
+    r: Any
+    lora_alpha: Any
+    lora_dropout: Any
+    merge_weights: Any
+    use_rslora: Any
+
+
 class LoRALayer:
     """The LoRA state shared by every layer: ``r``, ``lora_alpha``, ``scaling``, dropout, merging.
 
@@ -171,18 +181,16 @@ class LoRALayer:
     def _init_layout(self) -> None:
         """Derive what the adapter shapes need from the kind's attributes (`Linear`: its `lora_slices`)."""
 
-    def _construct(self, base_init: Any, hyper: tuple, adapter_dtype: torch.dtype | None, **attributes: Any) -> None:
+    def _construct(self, base_init: Any, hyper: _Hyper, adapter_dtype: torch.dtype | None, **attributes: Any) -> None:
         """The constructors' path: `base_init()` builds the torch layer, then the LoRA state and adapters, then
-        `reset_parameters()` draws base and adapters in loralib's order. `hyper`: `(r, lora_alpha, lora_dropout,
-        merge_weights, use_rslora)`."""
+        `reset_parameters()` draws base and adapters in loralib's order."""
         base_init()
-        r, lora_alpha, lora_dropout, merge_weights, use_rslora = hyper
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
+        LoRALayer.__init__(self, *hyper[:4], use_rslora=hyper.use_rslora)
         self._attach(adapter_dtype, attributes)
         self.reset_parameters()
 
     @classmethod
-    def _wrap(cls, module: nn.Module, hyper: tuple, adapter_dtype: torch.dtype | None, **attributes: Any) -> Any:
+    def _wrap(cls, module: nn.Module, hyper: _Hyper, adapter_dtype: torch.dtype | None, **attributes: Any) -> Any:
         """The `from_module` path: a `cls` sharing `module`'s Parameters (`_adopt`), with adapters at their init."""
         layer = _adopt(cls, module, *hyper)
         layer._attach(adapter_dtype, attributes)
@@ -490,13 +498,14 @@ class Linear(LoRALayer, nn.Linear):
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
-        self._construct_linear(in_features, out_features, kwargs, (r, lora_alpha, lora_dropout, merge_weights,
-                               use_rslora), fan_in_fan_out, use_dora, adapter_dtype, {})
+        hyper = _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self._construct_linear(in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype, {})
 
     def _construct_linear(self, in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype,
                           layout: Mapping[str, Any]) -> None:
-        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=hyper[3], use_rslora=hyper[4])
-        _check_dora(hyper[0], use_dora)
+        # Linear's and MergedLinear's constructors; `layout`: MergedLinear's enable_lora and split_sizes
+        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=hyper.merge_weights, use_rslora=hyper.use_rslora)
+        _check_dora(hyper.r, use_dora)
         self._construct(lambda: nn.Linear.__init__(self, in_features, out_features, **kwargs), hyper, adapter_dtype,
                         fan_in_fan_out=fan_in_fan_out, **layout)
         if fan_in_fan_out:
@@ -531,7 +540,7 @@ class Linear(LoRALayer, nn.Linear):
         cls._check_linear(module, fan_in_fan_out)
         _check_dora(r, use_dora)
         _check_quantized(cls, module, r, merge_weights, use_dora)
-        return cls._wrap_linear(module, (r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
+        return cls._wrap_linear(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
                                 use_dora, adapter_dtype, {})
 
     @classmethod
@@ -836,8 +845,8 @@ class MergedLinear(Linear):
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
-        self._construct_linear(in_features, out_features, kwargs, (r, lora_alpha, lora_dropout, merge_weights,
-                               use_rslora), fan_in_fan_out, use_dora, adapter_dtype,
+        hyper = _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self._construct_linear(in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype,
                                {"enable_lora": enable_lora, "split_sizes": split_sizes})
 
     @classmethod
@@ -872,7 +881,7 @@ class MergedLinear(Linear):
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
         _check_dora(r, use_dora)
-        return cls._wrap_linear(module, (r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
+        return cls._wrap_linear(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
                                 use_dora, adapter_dtype, {"enable_lora": enable_lora, "split_sizes": split_sizes})
 
     @staticmethod
@@ -939,7 +948,7 @@ class Embedding(LoRALayer, nn.Embedding):
             raise ValueError(f"padding_idx must be in [-num_embeddings, num_embeddings) = [{-num_embeddings}, "
                              f"{num_embeddings}); got {padding_idx}")
         self._construct(lambda: nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs),
-                        (r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
+                        _Hyper(r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
 
     @classmethod
     def from_module(
@@ -957,7 +966,7 @@ class Embedding(LoRALayer, nn.Embedding):
             raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
         _refuse_lora_layer(cls, module)
         cls._check_sparse(r, lora_alpha, module.sparse)
-        return cls._wrap(module, (r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
+        return cls._wrap(module, _Hyper(r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
 
     @staticmethod
     def _check_sparse(r: int, lora_alpha: float, sparse: bool | None) -> None:
@@ -1055,7 +1064,7 @@ class ConvLoRA(LoRALayer):
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         self._construct(lambda: conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs),
-                        (r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
+                        _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
                         loralib_layout=self._is_loralib_layout(kernel_size))
         self._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
 
@@ -1084,7 +1093,7 @@ class ConvLoRA(LoRALayer):
             raise TypeError(f"{cls.__name__}.from_module expects {expected}; got {type(module).__name__}")
         ks = module.kernel_size
         square = ks[0] if len(set(ks)) == 1 else ks
-        layer = target._wrap(module, (r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
+        layer = target._wrap(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
                              loralib_layout=target._is_loralib_layout(square))
         layer._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
         return layer
