@@ -1,4 +1,4 @@
-"""LoRA layers for PyTorch with loralib's API, and LoRA fine-tuning of Phi-3 (``lora.phi3``).
+"""LoRA layers for PyTorch with loralib's API, and LoRA fine-tuning of Phi-3 (`lora.phi3`).
 
 Switch from loralib by changing one import:
 

@@ -2,9 +2,9 @@
 
 The header metadata (strings, as safetensors requires) holds:
 
-- ``format``: ``"lora-adapter"``, ``format_version``: ``"1"``;
-- ``layers``: JSON, for each adapted module its class, ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, dropout and,
-  for a ``MergedLinear``, its ``split_sizes`` and ``enable_lora``;
+- `format`: `"lora-adapter"`, `format_version`: `"1"`;
+- `layers`: JSON, for each adapted module its class, `r`, `lora_alpha`, `use_rslora`, `use_dora`, dropout and,
+  for a `MergedLinear`, its `split_sizes` and `enable_lora`;
 - `fingerprint`: JSON, the base model's architecture fields (`ARCHITECTURE_FIELDS`, from its normalised config:
   the `architecture` a caller passes, else `model.config` when it has one) and the name, shape and dtype of every
   adapted weight: for a 4-bit (QLoRA) base the logical (out, in) shape and the dtype it computes in, so a QLoRA
@@ -126,7 +126,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, architecture: Map
     `architecture`: the base model's normalised config for the fingerprint (see `fingerprint`).
 
     On a model sharded with FSDP2, call it on every rank: the adapters are gathered whole and rank 0
-    writes ``path`` (the other ranks write nothing).
+    writes `path` (the other ranks write nothing).
 
     >>> lora.save_adapter(model, "adapter.safetensors")  # doctest: +SKIP
     """
@@ -177,9 +177,9 @@ def load_adapter(
     ignore_fingerprint: bool = False,
     architecture: Mapping[str, Any] | None = None,
 ) -> None:
-    """Load an adapter file written by ``save_adapter`` into an identically patched ``model``.
+    """Load an adapter file written by `save_adapter` into an identically patched `model`.
 
-    Raises ``AdapterMismatchError`` naming the first tensor or module that does not match, and, when every
+    Raises `AdapterMismatchError` naming the first tensor or module that does not match, and, when every
     shape matches but the base model differs (say a 4k adapter onto a 128k base), naming the differing
     fields; `ignore_fingerprint=True` loads anyway. Nothing is copied unless everything matches.
     `architecture`: the base model's normalised config, compared with the file's (see `fingerprint`).

@@ -1,18 +1,18 @@
 """LoRA layers with loralib 0.1.2's names, arguments, defaults, parameter names and shapes.
 
-Each layer *is* the torch layer it extends (``Linear`` is an ``nn.Linear``), so a base checkpoint's
-``weight``/``bias`` keys load unchanged and only ``lora_A``/``lora_B`` are new. The adapted weight is
+Each layer *is* the torch layer it extends (`Linear` is an `nn.Linear`), so a base checkpoint's
+`weight`/`bias` keys load unchanged and only `lora_A`/`lora_B` are new. The adapted weight is
 
     W' = W + scaling * B @ A,    scaling = lora_alpha / r   (lora_alpha / sqrt(r) with use_rslora)
 
-defined once per layer type in ``delta_weight()``; merge, unmerge, ``merged_state_dict`` and the
+defined once per layer type in `delta_weight()`; merge, unmerge, `merged_state_dict` and the
 tests all use it.
 
-Merging never writes the frozen weight. ``merge()`` keeps the merged weight in a separate,
+Merging never writes the frozen weight. `merge()` keeps the merged weight in a separate,
 non-persistent buffer that forward uses instead, so unmerging restores the original bits exactly in
-every dtype, ``state_dict()`` always holds the unmerged base weight, and a merged state dict cannot
+every dtype, `state_dict()` always holds the unmerged base weight, and a merged state dict cannot
 double-apply the delta when it is loaded. The price: one weight-sized tensor (in the weight's dtype)
-per merged layer while it is merged. ``unmerge()`` frees it.
+per merged layer while it is merged. `unmerge()` frees it.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def _rank_divisor(r: int, use_rslora: bool) -> float:
 
 
 def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``r``, ``lora_alpha`` and ``lora_dropout`` are valid.
+    """Raise `TypeError`/`ValueError` unless `r`, `lora_alpha` and `lora_dropout` are valid.
 
-    Any integer type is accepted for ``r`` (numpy's too, as loralib does); ``bool`` is not.
+    Any integer type is accepted for `r` (numpy's too, as loralib does); `bool` is not.
     """
     if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r must be a non-negative int (0 means no LoRA); got {r!r} of type {type(r).__name__}")
@@ -91,7 +91,7 @@ def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
 
 
 def check_flags(**flags: Any) -> None:
-    """Raise ``TypeError`` unless each flag is a bool (numpy's too): the string ``"false"`` is truthy."""
+    """Raise `TypeError` unless each flag is a bool (numpy's too): the string `"false"` is truthy."""
     for name, value in flags.items():
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False; got {value!r} of type {type(value).__name__}")
@@ -121,10 +121,10 @@ class _Hyper(NamedTuple):
 
 
 class LoRALayer:
-    """The LoRA state shared by every layer: ``r``, ``lora_alpha``, ``scaling``, dropout, merging.
+    """The LoRA state shared by every layer: `r`, `lora_alpha`, `scaling`, dropout, merging.
 
-    ``LoRALayer(r, lora_alpha, lora_dropout, merge_weights)`` is loralib's signature; subclasses
-    also call it with ``use_rslora``.
+    `LoRALayer(r, lora_alpha, lora_dropout, merge_weights)` is loralib's signature; subclasses
+    also call it with `use_rslora`.
     """
 
     r: int
@@ -156,9 +156,9 @@ class LoRALayer:
     # -- the delta, defined once per layer type ---------------------------------------------------
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in float32 (float64 for a float64 weight), shaped like ``self.weight``.
+        """`scaling * B @ A` in float32 (float64 for a float64 weight), shaped like `self.weight`.
 
-        Computed with autocast off, so a merge or a conv forward inside ``torch.autocast`` gets the same
+        Computed with autocast off, so a merge or a conv forward inside `torch.autocast` gets the same
         float32 delta as outside it.
         """
         with no_autocast(self.weight.device):
@@ -212,8 +212,8 @@ class LoRALayer:
         return self._parameters.get("lora_A") is not None
 
     def adapter_parameter_names(self) -> tuple[str, ...]:
-        """The names of the parameters that train and go into adapter files: ``lora_A``, ``lora_B`` (and DoRA's
-        ``lora_magnitude``); none without an adapter."""
+        """The names of the parameters that train and go into adapter files: `lora_A`, `lora_B` (and DoRA's
+        `lora_magnitude`); none without an adapter."""
         if not self.has_lora:
             return ()
         return ("lora_A", "lora_B", "lora_magnitude") if self.use_dora else ("lora_A", "lora_B")
@@ -225,9 +225,9 @@ class LoRALayer:
     # -- merging ----------------------------------------------------------------------------------
 
     def merged_weight_tensor(self) -> torch.Tensor:
-        """The merged weight ``W + delta``, computed in float32 and returned in the weight's dtype.
+        """The merged weight `W + delta`, computed in float32 and returned in the weight's dtype.
 
-        Over a 4-bit base it is ``dequantize(W4) + delta`` in the dtype ``W4`` dequantizes to (bf16 or
+        Over a 4-bit base it is `dequantize(W4) + delta` in the dtype `W4` dequantizes to (bf16 or
         float32): the weights the adapters were trained against, not a 4-bit rounding of the sum.
         """
         weight = self.weight
@@ -245,7 +245,7 @@ class LoRALayer:
             return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     def merge(self) -> None:
-        """Use ``W + delta`` in forward (recomputed from the current adapters). Idempotent.
+        """Use `W + delta` in forward (recomputed from the current adapters). Idempotent.
 
         Refused (`lora.quant.QuantizedMergeError`) over a 4-bit base: see `refuse_quantized_merge`.
         """
@@ -260,7 +260,7 @@ class LoRALayer:
         self.merged = False
 
     def train(self, mode: bool = True):
-        """loralib's behaviour with ``merge_weights=True``: ``eval()`` merges, ``train()`` unmerges."""
+        """loralib's behaviour with `merge_weights=True`: `eval()` merges, `train()` unmerges."""
         super().train(mode)
         if self.merge_weights:
             if mode and self.merged:
@@ -332,8 +332,8 @@ def lora_layers(
 
 
 def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
-    """Raise ``ValueError`` naming the first ``lora_A``/``lora_B`` in ``state_dict`` whose shape differs
-    from the one in ``model`` (keys under ``prefix``). Keys the model lacks are left to ``load_state_dict``.
+    """Raise `ValueError` naming the first `lora_A`/`lora_B` in `state_dict` whose shape differs
+    from the one in `model` (keys under `prefix`). Keys the model lacks are left to `load_state_dict`.
     """
     for name, module in lora_layers(model, prefix=prefix.rstrip("."), remove_duplicate=False):
         for param_name in ("lora_A", "lora_B", "lora_magnitude"):
@@ -347,10 +347,10 @@ def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "", *, strict: bool = True) -> None:
-    """Raise unless ``model.load_state_dict(state_dict, strict=strict)`` would load completely.
+    """Raise unless `model.load_state_dict(state_dict, strict=strict)` would load completely.
 
-    Every tensor's shape must match (LoRA or not; a ``ValueError`` naming the first key), and with ``strict``
-    no key under ``prefix`` may be missing or unexpected (a ``RuntimeError``, as torch's). Without this check
+    Every tensor's shape must match (LoRA or not; a `ValueError` naming the first key), and with `strict`
+    no key under `prefix` may be missing or unexpected (a `RuntimeError`, as torch's). Without this check
     torch copies module by module and raises only at the end, leaving the model half-loaded.
     """
     check_lora_shapes(model, state_dict, prefix)
@@ -377,8 +377,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
 
 
 def _requested_strict() -> bool:
-    """The ``strict`` of the ``Module.load_state_dict`` call under way (torch passes its hooks and
-    ``_load_from_state_dict`` ``strict=True`` whatever the caller asked); False when there is none."""
+    """The `strict` of the `Module.load_state_dict` call under way (torch passes its hooks and
+    `_load_from_state_dict` `strict=True` whatever the caller asked); False when there is none."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is nn.Module.load_state_dict.__code__:
@@ -392,12 +392,12 @@ def _check_lora_shapes_hook(module: nn.Module, state_dict: Mapping[str, Any], pr
 
 
 def check_lora_shapes_on_load(model: nn.Module) -> None:
-    """Make ``model.load_state_dict`` check the whole state dict (``check_state_dict``: every shape, and with
-    ``strict`` every key) before it loads anything. Idempotent.
+    """Make `model.load_state_dict` check the whole state dict (`check_state_dict`: every shape, and with
+    `strict` every key) before it loads anything. Idempotent.
 
     Each LoRA layer checks its own keys anyway, but torch loads module by module, so without this a
     mismatch in a late layer would be raised after earlier modules were overwritten.
-    ``mark_only_lora_as_trainable`` and the Phi-3 patcher call it on the model they are given.
+    `mark_only_lora_as_trainable` and the Phi-3 patcher call it on the model they are given.
     """
     hooks = model._load_state_dict_pre_hooks.values()
     if not any(getattr(hook, "hook", None) is _check_lora_shapes_hook for hook in hooks):
@@ -411,9 +411,9 @@ def _refuse_lora_layer(cls: type, module: nn.Module) -> None:
 
 
 def _adopt(cls: type, module: nn.Module, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> Any:
-    """A new ``cls`` instance holding ``module``'s attributes and its very Parameter objects, with LoRA state.
+    """A new `cls` instance holding `module`'s attributes and its very Parameter objects, with LoRA state.
 
-    ``module`` is not modified: bad hyperparameters raise before anything is shared.
+    `module` is not modified: bad hyperparameters raise before anything is shared.
     """
     _refuse_lora_layer(cls, module)
     layer = cls.__new__(cls)
@@ -444,7 +444,7 @@ def _check_dora(r: int, use_dora: Any) -> None:
 
 
 def _check_quantized(cls: type, module: nn.Linear, r: int, merge_weights: Any, use_dora: Any) -> None:
-    """Over a 4-bit base (a bitsandbytes ``Linear4bit``): no merge-on-eval, no DoRA; said before anything is built."""
+    """Over a 4-bit base (a bitsandbytes `Linear4bit`): no merge-on-eval, no DoRA; said before anything is built."""
     if not quant.is_quantized(module.weight):
         return
     check_flags(merge_weights=merge_weights, use_dora=use_dora)
@@ -472,10 +472,10 @@ def _init_adapters(layer: LoRALayer, a_shape: Sequence[int], b_shape: Sequence[i
 
 
 class Linear(LoRALayer, nn.Linear):
-    """``nn.Linear`` plus a rank-``r`` adapter: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+    """`nn.Linear` plus a rank-`r` adapter: `y = x W^T + b + scaling * dropout(x) A^T B^T`.
 
-    ``lora_A`` is (r, in_features), kaiming-uniform; ``lora_B`` is (out_features, r), zeros.
-    ``fan_in_fan_out=True`` is for a weight stored as (in_features, out_features) (GPT-2's Conv1D).
+    `lora_A` is (r, in_features), kaiming-uniform; `lora_B` is (out_features, r), zeros.
+    `fan_in_fan_out=True` is for a weight stored as (in_features, out_features) (GPT-2's Conv1D).
 
     >>> layer = Linear(64, 32, r=8, lora_alpha=16)
     >>> layer(torch.randn(4, 64)).shape
@@ -527,7 +527,7 @@ class Linear(LoRALayer, nn.Linear):
         use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> Linear:
-        """Wrap ``module`` without copying: the layer shares its ``weight`` and ``bias`` Parameters.
+        """Wrap `module` without copying: the layer shares its `weight` and `bias` Parameters.
 
         The base is not re-initialised; the adapters start as in the constructor (B = 0, so the
         output is unchanged). Works for meta-device and 16-bit weights.
@@ -592,7 +592,7 @@ class Linear(LoRALayer, nn.Linear):
                 unexpected_keys[:] = [key for key in unexpected_keys if not key.startswith(head)]
 
     def reset_lora_parameters(self) -> None:
-        """A as ``nn.Linear`` initialises its weight, B zero (and DoRA's magnitude the row norms of W): the
+        """A as `nn.Linear` initialises its weight, B zero (and DoRA's magnitude the row norms of W): the
         layer starts as the base."""
         if self._parameters.get("lora_A") is not None:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -629,7 +629,7 @@ class Linear(LoRALayer, nn.Linear):
         return delta.t() if self.fan_in_fan_out else delta
 
     def merged_weight_tensor(self) -> torch.Tensor:
-        """The merged weight: ``W + delta``, or DoRA's ``m / n * (W + delta)`` on the adapted rows, computed in
+        """The merged weight: `W + delta`, or DoRA's `m / n * (W + delta)` on the adapted rows, computed in
         float32 and returned in the weight's dtype."""
         if not (self.use_dora and self.has_lora):
             return super().merged_weight_tensor()
@@ -647,9 +647,9 @@ class Linear(LoRALayer, nn.Linear):
             self.init_dora_magnitude()
 
     def init_dora_magnitude(self) -> None:
-        """Set DoRA's magnitude to the current row norms of ``W + scaling * B @ A`` (so ``m / n = 1``).
+        """Set DoRA's magnitude to the current row norms of `W + scaling * B @ A` (so `m / n = 1`).
 
-        The constructors and ``reset_lora_parameters`` call it; call it yourself after loading a base weight
+        The constructors and `reset_lora_parameters` call it; call it yourself after loading a base weight
         into a layer built on the meta device (unless the adapter file you load holds the magnitude).
         """
         with torch.no_grad():
@@ -667,13 +667,13 @@ class Linear(LoRALayer, nn.Linear):
         return cached[1]
 
     def dora_norm(self) -> torch.Tensor:
-        """DoRA's ``n``: the row norms of ``W + scaling * B @ A`` for the adapted rows, detached, in float32.
+        """DoRA's `n`: the row norms of `W + scaling * B @ A` for the adapted rows, detached, in float32.
 
-        Computed in low rank, never building ``B @ A``: ``n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i +
-        s^2 B_i (A A^T) B_i^T``, with ``W A^T`` an (out, r) product in the weight's dtype and the rest in float32.
-        ``||W_i||^2``, and without grad ``n`` itself, are kept
+        Computed in low rank, never building `B @ A`: `n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i +
+        s^2 B_i (A A^T) B_i^T`, with `W A^T` an (out, r) product in the weight's dtype and the rest in float32.
+        `||W_i||^2`, and without grad `n` itself, are kept
         while the frozen weight is the same tensor with the same version counter (every in-place op bumps it; an
-        edit through ``.data`` is not seen) and ``A``, ``B`` hold the same values.
+        edit through `.data` is not seen) and `A`, `B` hold the same values.
         """
         # Without grad (generation, evaluation, merging) n is kept while W (its identity and version) and A and B
         # (their values: fused optimizers update parameters without bumping version counters) are unchanged; with
@@ -736,10 +736,10 @@ class Linear(LoRALayer, nn.Linear):
         )
 
     def _dora_with_dropout(self, x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-        """PEFT's DoRA with dropout, in plain autograd: ``W x + b + (c - 1) W drop(x) + c s B A drop(x)`` per
-        adapted column, ``c = m / n``. The frozen GEMM runs twice (on ``x`` and on ``drop(x)``), as in PEFT.
+        """PEFT's DoRA with dropout, in plain autograd: `W x + b + (c - 1) W drop(x) + c s B A drop(x)` per
+        adapted column, `c = m / n`. The frozen GEMM runs twice (on `x` and on `drop(x)`), as in PEFT.
 
-        ``nn.Dropout`` drops the elements the hand-written path would (positions from one seed of torch's
+        `nn.Dropout` drops the elements the hand-written path would (positions from one seed of torch's
         default generator), so the two paths draw alike.
         """
         dtype = compute_dtype(x)
@@ -789,7 +789,7 @@ class Linear(LoRALayer, nn.Linear):
                             f"(x.to({dtype})) or run under torch.autocast")
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same maths with plain autograd ops (used for a custom ``lora_dropout`` module)."""
+        """The same maths with plain autograd ops (used for a custom `lora_dropout` module)."""
         if quant.is_quantized(self.weight):
             result = _linear4bit(x, self.weight, self.bias)
         else:
@@ -802,8 +802,8 @@ class Linear(LoRALayer, nn.Linear):
 
 
 def _linear4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequantize(W4).T + b`` by bitsandbytes' ``matmul_4bit``, whose autograd Function dequantizes again in
-    backward rather than saving the dequantized weight. Computes in ``compute_dtype(x)``, as the LoRA path does."""
+    """`x @ dequantize(W4).T + b` by bitsandbytes' `matmul_4bit`, whose autograd Function dequantizes again in
+    backward rather than saving the dequantized weight. Computes in `compute_dtype(x)`, as the LoRA path does."""
     bnb = quant.require_bitsandbytes()
     dtype = compute_dtype(x)
     with no_autocast(x.device):
@@ -813,12 +813,12 @@ def _linear4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class MergedLinear(Linear):
-    """One ``nn.Linear`` computing several projections (fused q|k|v), one adapter per enabled slice.
+    """One `nn.Linear` computing several projections (fused q|k|v), one adapter per enabled slice.
 
-    ``enable_lora`` says which of the equal output slices get an adapter (loralib's layout);
-    ``split_sizes`` gives unequal slice sizes instead (grouped-query attention: q larger than k, v).
-    ``lora_A`` stacks one (r, in) block per enabled slice; ``lora_B`` one (size, r) block per enabled
-    slice. Forward computes ``x @ A^T`` once and one small product per slice: the full (out, in)
+    `enable_lora` says which of the equal output slices get an adapter (loralib's layout);
+    `split_sizes` gives unequal slice sizes instead (grouped-query attention: q larger than k, v).
+    `lora_A` stacks one (r, in) block per enabled slice; `lora_B` one (size, r) block per enabled
+    slice. Forward computes `x @ A^T` once and one small product per slice: the full (out, in)
     delta is never built.
 
     >>> qkv = MergedLinear(64, 128, r=4, enable_lora=(True, False, True), split_sizes=(64, 32, 32))
@@ -865,9 +865,9 @@ class MergedLinear(Linear):
         use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> MergedLinear:
-        """Wrap a fused ``nn.Linear`` without copying; ``split_sizes`` are its output slices.
+        """Wrap a fused `nn.Linear` without copying; `split_sizes` are its output slices.
 
-        ``enable_lora`` defaults to every slice.
+        `enable_lora` defaults to every slice.
 
         >>> qkv = nn.Linear(64, 128)  # q: 64, k: 32, v: 32
         >>> layer = MergedLinear.from_module(qkv, (64, 32, 32), r=4, enable_lora=(True, False, True))
@@ -921,13 +921,13 @@ class MergedLinear(Linear):
 
 
 class Embedding(LoRALayer, nn.Embedding):
-    """``nn.Embedding`` plus a rank-``r`` adapter: ``E' = E + scaling * (B @ A)^T``.
+    """`nn.Embedding` plus a rank-`r` adapter: `E' = E + scaling * (B @ A)^T`.
 
-    As in loralib, ``lora_A`` is (r, num_embeddings), zeros, and ``lora_B`` is (embedding_dim, r),
-    normal: the reverse of ``Linear``'s init, since a lookup has no input to project. The
-    ``padding_idx`` row's delta is always zero, ``max_norm`` renormalises the looked-up rows of
-    ``E'`` (merged or not) without writing the weight or ``lora_A``, and ``sparse=True`` is refused
-    with ``r > 0``.
+    As in loralib, `lora_A` is (r, num_embeddings), zeros, and `lora_B` is (embedding_dim, r),
+    normal: the reverse of `Linear`'s init, since a lookup has no input to project. The
+    `padding_idx` row's delta is always zero, `max_norm` renormalises the looked-up rows of
+    `E'` (merged or not) without writing the weight or `lora_A`, and `sparse=True` is refused
+    with `r > 0`.
     """
 
     def __init__(
@@ -961,7 +961,7 @@ class Embedding(LoRALayer, nn.Embedding):
         use_rslora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> Embedding:
-        """Wrap ``module`` without copying: the layer shares its ``weight`` Parameter."""
+        """Wrap `module` without copying: the layer shares its `weight` Parameter."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
         _refuse_lora_layer(cls, module)
@@ -1020,21 +1020,21 @@ class Embedding(LoRALayer, nn.Embedding):
 
 
 class ConvLoRA(LoRALayer):
-    """What the conv layers share. ``ConvLoRA(nn.Conv2d, in, out, kernel_size, r=...)`` builds a
-    ``Conv2d`` (loralib's spelling); ``layer.conv`` is the layer itself, so loralib code that reads
-    ``layer.conv.weight`` keeps working.
+    """What the conv layers share. `ConvLoRA(nn.Conv2d, in, out, kernel_size, r=...)` builds a
+    `Conv2d` (loralib's spelling); `layer.conv` is the layer itself, so loralib code that reads
+    `layer.conv.weight` keeps working.
 
-    Parameterisation, with ``K`` the product of the kernel sizes and ``g`` the groups:
+    Parameterisation, with `K` the product of the kernel sizes and `g` the groups:
 
-    - ``Conv2d`` with an int kernel ``k`` and any conv with kernel 1: loralib's layout,
-      ``lora_A`` (r*k, in*k), ``lora_B`` (out/g*k, r*k), ``delta = (B @ A).view(weight.shape)``, so
+    - `Conv2d` with an int kernel `k` and any conv with kernel 1: loralib's layout,
+      `lora_A` (r*k, in*k), `lora_B` (out/g*k, r*k), `delta = (B @ A).view(weight.shape)`, so
       loralib checkpoints load. Its rank as an (out, in/g*K) matrix can exceed r.
-    - Any other kernel (tuples, ``Conv1d``/``Conv3d`` with kernel > 1, where loralib crashes):
-      ``lora_A`` (r, in/g*K), ``lora_B`` (out, r), ``delta = (B @ A).view(weight.shape)``: the weight
+    - Any other kernel (tuples, `Conv1d`/`Conv3d` with kernel > 1, where loralib crashes):
+      `lora_A` (r, in/g*K), `lora_B` (out, r), `delta = (B @ A).view(weight.shape)`: the weight
       seen as an (out, in/g*K) matrix gets a delta of rank at most r (PEFT's conv layout).
 
-    Dropout applies to the adapter's input: ``y = conv(x, W) + conv(dropout(x), delta)``; without
-    dropout (or in eval mode) that is one ``conv(x, W + delta)``.
+    Dropout applies to the adapter's input: `y = conv(x, W) + conv(dropout(x), delta)`; without
+    dropout (or in eval mode) that is one `conv(x, W + delta)`.
     """
 
     _conv_types: dict[type, type] = {}
@@ -1084,7 +1084,7 @@ class ConvLoRA(LoRALayer):
         use_rslora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ):
-        """Wrap an ``nn.Conv1d/2d/3d`` without copying; uses the true-rank parameterisation
+        """Wrap an `nn.Conv1d/2d/3d` without copying; uses the true-rank parameterisation
         unless the kernel is square (and 2d) or 1, as the constructor does."""
         _refuse_lora_layer(cls, module)
         target = ConvLoRA._conv_types.get(type(module))
@@ -1100,7 +1100,7 @@ class ConvLoRA(LoRALayer):
 
     @property
     def conv(self):
-        """The layer itself: loralib 0.1.2 kept the conv in ``self.conv``."""
+        """The layer itself: loralib 0.1.2 kept the conv in `self.conv`."""
         return self
 
     def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -1141,21 +1141,21 @@ def _accept_loralib_conv_keys(state_dict, prefix, *args: Any) -> None:
 
 
 class Conv1d(ConvLoRA, nn.Conv1d):
-    """``nn.Conv1d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+    """`nn.Conv1d` with LoRA; see `ConvLoRA` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ConvLoRA.__init__(self, nn.Conv1d, *_strip_conv_type(args, kwargs, nn.Conv1d), **kwargs)
 
 
 class Conv2d(ConvLoRA, nn.Conv2d):
-    """``nn.Conv2d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+    """`nn.Conv2d` with LoRA; see `ConvLoRA` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ConvLoRA.__init__(self, nn.Conv2d, *_strip_conv_type(args, kwargs, nn.Conv2d), **kwargs)
 
 
 class Conv3d(ConvLoRA, nn.Conv3d):
-    """``nn.Conv3d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+    """`nn.Conv3d` with LoRA; see `ConvLoRA` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ConvLoRA.__init__(self, nn.Conv3d, *_strip_conv_type(args, kwargs, nn.Conv3d), **kwargs)

@@ -1,37 +1,37 @@
 """The hot path: a frozen linear layer plus low-rank adapters, forward and backward by hand.
 
-For input ``x`` (N, in), frozen weight ``W`` (out, in), adapters ``A_j`` (r, in) and ``B_j`` (size_j, r)
-for each adapted slice ``j`` of the output:
+For input `x` (N, in), frozen weight `W` (out, in), adapters `A_j` (r, in) and `B_j` (size_j, r)
+for each adapted slice `j` of the output:
 
     y = x @ W.T + b,    y[:, slice_j] += scaling * (drop(x) @ A_j.T) @ B_j.T
 
-``drop`` zeroes each element with probability ``p`` and scales the rest by ``1 / (1 - p)``.
-Autograd on these ops would save a dropout mask and a dropped copy of ``x`` (two activation-sized
-tensors) and spend 7-15 ns per element on ``F.dropout``. Here the dropped elements are drawn as a sorted
-list of positions (about ``p * numel`` of them), and the maths uses
+`drop` zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
+Autograd on these ops would save a dropout mask and a dropped copy of `x` (two activation-sized
+tensors) and spend 7-15 ns per element on `F.dropout`. Here the dropped elements are drawn as a sorted
+list of positions (about `p * numel` of them), and the maths uses
 
     drop(x) @ A.T = (x @ A.T - D @ A.T) / (1 - p)          D: the dropped elements of x, sparse
 
-so no activation-sized mask or copy is built in the forward pass or saved for backward: saved are ``x`` (which
-the caller holds anyway), the rank-r product ``drop(x) @ A.T``, the dropped elements' positions (8 bytes
-each: 0.4 bytes per element of ``x`` at p = 0.05, against autograd's 5) and the parameters. The backward
-pass zeroes the dropped elements in a copy of ``x`` for ``dA`` and reuses that buffer for ``dx``, so it
+so no activation-sized mask or copy is built in the forward pass or saved for backward: saved are `x` (which
+the caller holds anyway), the rank-r product `drop(x) @ A.T`, the dropped elements' positions (8 bytes
+each: 0.4 bytes per element of `x` at p = 0.05, against autograd's 5) and the parameters. The backward
+pass zeroes the dropped elements in a copy of `x` for `dA` and reuses that buffer for `dx`, so it
 allocates no more than without dropout.
 
 Precision. Every activation-sized product is computed in the *compute dtype*: the input's dtype, or under
-``torch.autocast`` the dtype autocast would give a frozen ``nn.Linear`` on this input (``x``, the weight
+`torch.autocast` the dtype autocast would give a frozen `nn.Linear` on this input (`x`, the weight
 and the bias are cast to it once, at the boundary, as autocast would; autocast itself is off inside, so
 the forward's sparse dropout correction stays a float32 product). The adapters' output is written first
 and the frozen GEMM accumulates onto it, so the sum is rounded once: a delta too small to survive a
-16-bit rounding of its own still moves the 16-bit output. In float16 the adapter gradients ``dA`` and
-``dB`` are computed in float32 (sums over every token of a loss scaled by ``GradScaler`` overflow
+16-bit rounding of its own still moves the 16-bit output. In float16 the adapter gradients `dA` and
+`dB` are computed in float32 (sums over every token of a loss scaled by `GradScaler` overflow
 float16's 65504 long before float32); in bfloat16, which has float32's range, in bfloat16. Adapter
 gradients are returned in the adapters' dtype.
 
-A 4-bit base (a bitsandbytes ``Params4bit``: packed uint8 and a ``quant_state``) goes into the Function as it
+A 4-bit base (a bitsandbytes `Params4bit`: packed uint8 and a `quant_state`) goes into the Function as it
 is, with its quant state: it is dequantized into a temporary in the compute dtype for the frozen GEMM (which
-runs just after the Function, see ``lowrank_linear``) and freed, and the backward dequantizes it again for
-``dx``. Only the packed weight is saved (a quarter of bf16's bytes).
+runs just after the Function, see `lowrank_linear`) and freed, and the backward dequantizes it again for
+`dx`. Only the packed weight is saved (a quarter of bf16's bytes).
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ __all__ = [
 
 
 def dropout_positions(seed: int, numel: int, p: float, device: torch.device) -> torch.Tensor:
-    """Sorted flat indices of the dropped elements: each of ``numel`` independently with probability ``p``.
+    """Sorted flat indices of the dropped elements: each of `numel` independently with probability `p`.
 
     The gaps between successive drops of a Bernoulli(p) sequence are Geometric(p), so only about
-    ``p * numel`` random numbers are drawn (one per dropped element, not one per element): a twentieth of
+    `p * numel` random numbers are drawn (one per dropped element, not one per element): a twentieth of
     the work of a dense mask at p = 0.05. The same seed gives the same positions.
     """
     generator = torch.Generator(device=device)
@@ -83,7 +83,7 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
 def _dropped(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The dropped elements of an (N, in) matrix as a sparse CSR matrix (N, in).
 
-    ``positions`` are the sorted flat indices and ``values`` the elements there, so the row pointers are
+    `positions` are the sorted flat indices and `values` the elements there, so the row pointers are
     a binary search of each row's first flat index.
     """
     n, d = shape
@@ -112,20 +112,20 @@ def one_thread(device: torch.device) -> Iterator[None]:
 
 
 def autocast_enabled(device: torch.device) -> bool:
-    """Whether ``torch.autocast`` is on for ``device``'s type (never for a type it does not know: meta)."""
+    """Whether `torch.autocast` is on for `device`'s type (never for a type it does not know: meta)."""
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a frozen ``nn.Linear`` computes in on ``x``: autocast's, when autocast is on for ``x``'s
-    device and would cast ``x`` (a floating tensor other than float64), else ``x``'s own."""
+    """The dtype a frozen `nn.Linear` computes in on `x`: autocast's, when autocast is on for `x`'s
+    device and would cast `x` (a floating tensor other than float64), else `x`'s own."""
     if autocast_enabled(x.device) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Autocast off for ``device``'s type (a no-op when it is off already): for maths whose dtypes are chosen
+    """Autocast off for `device`'s type (a no-op when it is off already): for maths whose dtypes are chosen
     by hand, which autocast would otherwise re-cast op by op."""
     if autocast_enabled(device):
         return torch.autocast(device.type, enabled=False)
@@ -329,18 +329,18 @@ def lowrank_linear(
     fan_in_fan_out: bool = False,
     col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + b`` plus ``scaling * (drop(x) @ A_j.T) @ B_j.T`` added to each slice of the output.
+    """`x @ W.T + b` plus `scaling * (drop(x) @ A_j.T) @ B_j.T` added to each slice of the output.
 
-    ``col_scale`` (DoRA, without dropout): each adapted output column ``i`` (in ``lora_B``'s row order) is
-    multiplied by ``col_scale[i]`` before the bias is added, ``c * (W x + s B A x) + b``, and gets its
+    `col_scale` (DoRA, without dropout): each adapted output column `i` (in `lora_B`'s row order) is
+    multiplied by `col_scale[i]` before the bias is added, `c * (W x + s B A x) + b`, and gets its
     gradient.
 
-    ``x`` may have any leading dimensions. ``p`` is the dropout rate (0 in eval mode).
-    ``slices`` lists the adapted output columns: a layer's ``lora_slices`` (``lora.slices.LoRASlice``), or
-    ``(offset, size)`` pairs; ``lora_A`` stacks one (r, in) block per slice and ``lora_B`` one (size, r) block
+    `x` may have any leading dimensions. `p` is the dropout rate (0 in eval mode).
+    `slices` lists the adapted output columns: a layer's `lora_slices` (`lora.slices.LoRASlice`), or
+    `(offset, size)` pairs; `lora_A` stacks one (r, in) block per slice and `lora_B` one (size, r) block
     per slice, in the same order. Computes in
-    ``compute_dtype(x)``: under autocast, ``x``, ``weight`` and ``bias`` are cast to autocast's dtype (the
-    output and ``dx`` are in it, as a frozen ``nn.Linear``'s would be), the adapters are not.
+    `compute_dtype(x)`: under autocast, `x`, `weight` and `bias` are cast to autocast's dtype (the
+    output and `dx` are in it, as a frozen `nn.Linear`'s would be), the adapters are not.
     """
     dtype = compute_dtype(x)
     # Casts outside the Function, so that autograd takes dx (and a trainable weight's gradient) back to
@@ -364,15 +364,15 @@ def lowrank_linear(
 
 
 def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None, quant_state=None):
-    """The layer on a 2-D ``x`` already in the compute dtype: the Function, then (but for DoRA) the frozen GEMM.
+    """The layer on a 2-D `x` already in the compute dtype: the Function, then (but for DoRA) the frozen GEMM.
 
     The frozen GEMM (and a 4-bit weight's dequantization) runs just after the Function, accumulating onto the
     adapters' output as it would inside (still one rounding of the sum), on detached operands: the Function's
     backward computes dx and autograd records no second use of W. The Function's saved tensors are then the
     last a checkpointed layer saves, so its recomputation, which stops once every saved tensor is back, skips
     the last projection's frozen GEMM and dequantization (backward never needs that output), as it does for a
-    frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function. ``slices``: LoRASlices, or
-    ``(offset, size)`` pairs in ``lora_B``'s row order.
+    frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function. `slices`: LoRASlices, or
+    `(offset, size)` pairs in `lora_B`'s row order.
     """
     slices = pair_layout(slices, lora_A.shape[0] // max(len(slices), 1))
     y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,

@@ -1,8 +1,8 @@
 """Model-level merging: fold every adapter into its weight for inference or export, and back.
 
-Every function here uses the layers' one definition of the delta (``LoRALayer.delta_weight``),
-computed in float32 once per call. Merging never writes the frozen weights (see ``lora.layers``), so
-``unmerge_lora`` restores them bit for bit.
+Every function here uses the layers' one definition of the delta (`LoRALayer.delta_weight`),
+computed in float32 once per call. Merging never writes the frozen weights (see `lora.layers`), so
+`unmerge_lora` restores them bit for bit.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ __all__ = ["merge_lora", "unmerge_lora", "merged", "merged_state_dict", "disable
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Make every LoRA layer of ``model`` compute with ``W + delta``. Idempotent; returns ``model``.
+    """Make every LoRA layer of `model` compute with `W + delta`. Idempotent; returns `model`.
 
-    Costs one weight-sized tensor per adapted layer until ``unmerge_lora``. Refused, before any layer merges,
-    when a layer's base is 4-bit (``lora.quant.QuantizedMergeError``; ``merged_state_dict`` works there).
+    Costs one weight-sized tensor per adapted layer until `unmerge_lora`. Refused, before any layer merges,
+    when a layer's base is 4-bit (`lora.quant.QuantizedMergeError`; `merged_state_dict` works there).
     """
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
@@ -34,7 +34,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_lora``: the frozen weights are exactly what they were. Returns ``model``."""
+    """Undo `merge_lora`: the frozen weights are exactly what they were. Returns `model`."""
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
@@ -42,7 +42,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def merged(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` with merged weights inside the block, and restore each layer's state after.
+    """Run `model` with merged weights inside the block, and restore each layer's state after.
 
     >>> model = torch.nn.Sequential(Linear(8, 8, r=2))  # doctest: +SKIP
     >>> with lora.merged(model):
@@ -72,14 +72,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a plain (LoRA-free) copy of ``model`` would have, with every delta folded in.
+    """The state dict a plain (LoRA-free) copy of `model` would have, with every delta folded in.
 
-    A pure function: ``model`` is not modified. ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``) are left
-    out, so the result loads into the original architecture (``nn.Linear`` in place of ``lora.Linear``). This replaces
-    loralib's habit of calling ``model.eval()`` and saving ``model.state_dict()``.
+    A pure function: `model` is not modified. `lora_A`/`lora_B` (and DoRA's `lora_magnitude`) are left
+    out, so the result loads into the original architecture (`nn.Linear` in place of `lora.Linear`). This replaces
+    loralib's habit of calling `model.eval()` and saving `model.state_dict()`.
 
     Every 4-bit (bitsandbytes) weight, adapted or not, comes out dequantized, in the dtype it dequantizes to
-    (``dequantize(W4) + delta`` where adapted), without its quant-state keys: a plain bf16/float32 state dict.
+    (`dequantize(W4) + delta` where adapted), without its quant-state keys: a plain bf16/float32 state dict.
     """
     state = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):

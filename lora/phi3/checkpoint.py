@@ -9,11 +9,11 @@ parameters are zero-copy views of the memory-mapped files (private mappings: wri
 never touches the file), so peak memory is the weights' size and pages are read on first use. Otherwise
 each tensor is read into its own buffer, converted or moved, and the buffer freed.
 
-QLoRA: ``from_pretrained(path, quantize="nf4")`` (or ``"fp4"``) quantizes the four projections of every layer
+QLoRA: `from_pretrained(path, quantize="nf4")` (or `"fp4"`) quantizes the four projections of every layer
 to 4 bits as they are read, one tensor at a time (read, cast, quantize, free), so the bf16 model is never held;
-they become bitsandbytes' own ``Linear4bit`` modules (``lora.quant``). Embeddings, norms and ``lm_head`` stay in
-``dtype``. ``save_pretrained`` of such a model writes transformers' bitsandbytes serialisation (packed weights,
-their quant states, ``quantization_config`` in config.json), which the next ``from_pretrained`` (ours or
+they become bitsandbytes' own `Linear4bit` modules (`lora.quant`). Embeddings, norms and `lm_head` stay in
+`dtype`. `save_pretrained` of such a model writes transformers' bitsandbytes serialisation (packed weights,
+their quant states, `quantization_config` in config.json), which the next `from_pretrained` (ours or
 transformers') loads as it is, without quantizing again.
 """
 
@@ -119,7 +119,7 @@ def _check_tensors(model: Phi3ForCausalLM, headers: dict[str, tuple[list[int], s
                    quant_type: str | None = None) -> None:
     """Raise unless the checkpoint holds exactly the model's tensors, with the config's shapes.
 
-    With ``quant_type`` (a 4-bit checkpoint) each projection weight is packed uint8 of (out * in / 2, 1)
+    With `quant_type` (a 4-bit checkpoint) each projection weight is packed uint8 of (out * in / 2, 1)
     with its quant-state tensors beside it.
     """
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -163,7 +163,7 @@ def _check_tensors(model: Phi3ForCausalLM, headers: dict[str, tuple[list[int], s
 
 
 def _saved_quantization(config: Phi3Config, root: Path) -> dict[str, Any] | None:
-    """config.json's bitsandbytes 4-bit ``quantization_config`` (transformers' keys), checked; None without one."""
+    """config.json's bitsandbytes 4-bit `quantization_config` (transformers' keys), checked; None without one."""
     saved = config.extra.get("quantization_config")
     if saved is None:
         return None
@@ -177,8 +177,8 @@ def _saved_quantization(config: Phi3Config, root: Path) -> dict[str, Any] | None
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict[str, Any]:
-    """transformers' ``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` for these settings, as config.json
-    holds it (so transformers' ``from_pretrained`` loads the directory as a prequantized 4-bit model)."""
+    """transformers' `BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()` for these settings, as config.json
+    holds it (so transformers' `from_pretrained` loads the directory as a prequantized 4-bit model)."""
     return {
         "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype],
         "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
@@ -234,8 +234,8 @@ def plan_checkpoint(
 ) -> CheckpointPlan:
     """Check a Phi-3 checkpoint directory and build its model on the meta device; read no tensor data.
 
-    A 4-bit directory (``quantization_config`` in config.json) is refused unless ``allow_quantized``: its packed
-    weights cannot be read as rows of ``dtype`` (what ``lora.phi3.fsdp`` does with a plan).
+    A 4-bit directory (`quantization_config` in config.json) is refused unless `allow_quantized`: its packed
+    weights cannot be read as rows of `dtype` (what `lora.phi3.fsdp` does with a plan).
     """
     root = Path(path)
     if not root.is_dir():
@@ -330,7 +330,7 @@ def from_pretrained(
 
 
 def _return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere).
 
     glibc serves allocations below its mmap threshold from the heap, and the threshold grows to 32 MB as large
     buffers are freed: the bf16 buffers a 4-bit load reads and frees one by one then stay resident between the
@@ -358,8 +358,8 @@ def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> N
 
 
 def _load_prequantized(model: Phi3ForCausalLM, plan: CheckpointPlan, device: torch.device) -> None:
-    """Fill ``model`` from a 4-bit checkpoint: each packed projection with its quant state becomes a ``Linear4bit``
-    (bitsandbytes' ``Params4bit.from_prequantized``), everything else a Parameter in ``plan.dtype``."""
+    """Fill `model` from a 4-bit checkpoint: each packed projection with its quant state becomes a `Linear4bit`
+    (bitsandbytes' `Params4bit.from_prequantized`), everything else a Parameter in `plan.dtype`."""
     bnb = quant.require_bitsandbytes()
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}

@@ -6,10 +6,10 @@ checkpoint is loaded back (memory-mapped) and its logits on a fixed probe batch 
 adapted model's; a difference beyond the dtype's tolerance raises instead of leaving a merged model
 that behaves differently from adapter + base.
 
-On a 4-bit (QLoRA) base every projection is written as ``dequantize(W4) + delta`` in the dtype the 4-bit
+On a 4-bit (QLoRA) base every projection is written as `dequantize(W4) + delta` in the dtype the 4-bit
 weights dequantize to (bf16 or float32): the weights the adapters were trained against, in a plain checkpoint
-without ``quantization_config``. The check then compares that plain model's logits with the 4-bit model +
-adapters, at the same tolerances: what differs is one rounding of ``W + delta`` to the weight's dtype.
+without `quantization_config`. The check then compares that plain model's logits with the 4-bit model +
+adapters, at the same tolerances: what differs is one rounding of `W + delta` to the weight's dtype.
 """
 
 from __future__ import annotations
@@ -118,15 +118,15 @@ def merge_and_save(
     tolerance: float | None = None,
     overwrite: bool = False,
 ) -> float:
-    """Write ``model`` with every adapter merged as a plain Phi-3 checkpoint directory at ``path``.
+    """Write `model` with every adapter merged as a plain Phi-3 checkpoint directory at `path`.
 
-    ``model`` itself stays unmerged. Tokenizer files and ``generation_config.json`` of the directory the
+    `model` itself stays unmerged. Tokenizer files and `generation_config.json` of the directory the
     model was loaded from are copied beside it. Returns the largest |logit| difference between the
-    written checkpoint and adapter + base on ``probe_ids`` (default: a fixed 2 x 16 batch); raises
-    ``MergeVerificationError`` and writes nothing when it exceeds ``tolerance`` (default by dtype:
-    1e-4 for float32, 3e-2 for bfloat16, relative to the logits' scale). ``path`` must not exist yet,
-    or be an empty directory; ``overwrite=True`` replaces an earlier merged checkpoint there, as a whole and
-    only once the new one is complete and verified (``lora.atomic.atomic_directory``).
+    written checkpoint and adapter + base on `probe_ids` (default: a fixed 2 x 16 batch); raises
+    `MergeVerificationError` and writes nothing when it exceeds `tolerance` (default by dtype:
+    1e-4 for float32, 3e-2 for bfloat16, relative to the logits' scale). `path` must not exist yet,
+    or be an empty directory; `overwrite=True` replaces an earlier merged checkpoint there, as a whole and
+    only once the new one is complete and verified (`lora.atomic.atomic_directory`).
 
     >>> diff = merge_and_save(model, "phi3-merged")  # doctest: +SKIP
     """

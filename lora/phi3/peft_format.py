@@ -1,11 +1,11 @@
-"""Phi-3 adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Phi-3 adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-PEFT puts one LoRA over each fused module: ``lora_A`` (R, in), ``lora_B`` (out, R), keys
-``base_model.model.<module>.lora_A.weight``, scaling ``lora_alpha / R`` (``/ sqrt(R)`` with rslora). A
-whole-module ``lora.Linear`` is exactly that. A per-slice ``lora.MergedLinear`` (say q and v of
-``qkv_proj``) is exported exactly too: its A blocks stacked (R = r * slices), its B blocks placed
-block-diagonally (zero rows for the slices without an adapter), and ``rank_pattern``/``alpha_pattern``
-entries so PEFT's scaling for that module equals ours. ``uniform_rank=True`` writes one rank for every
+PEFT puts one LoRA over each fused module: `lora_A` (R, in), `lora_B` (out, R), keys
+`base_model.model.<module>.lora_A.weight`, scaling `lora_alpha / R` (`/ sqrt(R)` with rslora). A
+whole-module `lora.Linear` is exactly that. A per-slice `lora.MergedLinear` (say q and v of
+`qkv_proj`) is exported exactly too: its A blocks stacked (R = r * slices), its B blocks placed
+block-diagonally (zero rows for the slices without an adapter), and `rank_pattern`/`alpha_pattern`
+entries so PEFT's scaling for that module equals ours. `uniform_rank=True` writes one rank for every
 module instead (A and B padded with zeros, each module's scaling folded into B, global scaling 1), for
 servers that ignore per-module patterns; vLLM is such a server as far as its documentation goes, but
 this machine cannot run vLLM, so that path is tested with PEFT only.
@@ -76,7 +76,7 @@ def _peft_magnitude(layer: Linear) -> torch.Tensor:
 
 
 def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the ``adapter_config.json`` content of ``model``'s adapters in PEFT's format."""
+    """The tensors and the `adapter_config.json` content of `model`'s adapters in PEFT's format."""
     layers = list(lora_layers(model, adapted_only=True))
     if not layers:
         raise ValueError("the model has no LoRA layers: patch it (lora.phi3.patch) before saving an adapter")
@@ -152,11 +152,11 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
 
 
 def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, uniform_rank: bool = False) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into the directory ``path``.
+    """Write `adapter_config.json` and `adapter_model.safetensors` into the directory `path`.
 
-    ``peft.PeftModel.from_pretrained(transformers_phi3, path)`` then reproduces this model's logits.
-    The directory is replaced as a whole (``lora.atomic.atomic_directory``): a crash leaves the old adapter
-    or the new one, never new weights beside an old config. Other files of an existing ``path`` stay.
+    `peft.PeftModel.from_pretrained(transformers_phi3, path)` then reproduces this model's logits.
+    The directory is replaced as a whole (`lora.atomic.atomic_directory`): a crash leaves the old adapter
+    or the new one, never new weights beside an old config. Other files of an existing `path` stay.
     On a model sharded with FSDP2, call it on every rank: the adapters are gathered and rank 0 writes.
     """
     tensors, config = peft_tensors(model, uniform_rank=uniform_rank)
@@ -257,13 +257,13 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a PEFT LoRA adapter for Phi-3 from the directory ``path``.
+    """Load a PEFT LoRA adapter for Phi-3 from the directory `path`.
 
-    Onto an unpatched model it patches first, from ``adapter_config.json`` (whole-module ``lora.Linear``
-    layers, PEFT's layout, with ``rank_pattern``/``alpha_pattern`` honoured). Onto a patched model the
-    layout must match: the same modules with the same rank and scaling (a ``MergedLinear`` accepts the
-    block-diagonal layout ``save_peft_adapter`` writes for it). Options this library does not implement
-    (``lora_bias``, ``modules_to_save``, ...) are refused by name; DoRA adapters (``use_dora``) load into DoRA
+    Onto an unpatched model it patches first, from `adapter_config.json` (whole-module `lora.Linear`
+    layers, PEFT's layout, with `rank_pattern`/`alpha_pattern` honoured). Onto a patched model the
+    layout must match: the same modules with the same rank and scaling (a `MergedLinear` accepts the
+    block-diagonal layout `save_peft_adapter` writes for it). Options this library does not implement
+    (`lora_bias`, `modules_to_save`, ...) are refused by name; DoRA adapters (`use_dora`) load into DoRA
     layers. On a patched model sharded
     with FSDP2 (call it on every rank) each rank copies its slice of each tensor.
     """
