@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from lora import quant
 from lora.atomic import atomic_directory
 from lora.layers import check_flags
-from lora.phi3.config import Phi3Config
+from lora.phi3.config import Phi3Config, read_json
 from lora.phi3.model import Phi3ForCausalLM
 from lora.sharding import is_sharded
 
@@ -69,19 +69,11 @@ def _open(path: Path, backend: str = "mmap") -> Any:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
-def _read_json(path: Path) -> Any:
-    """`json.loads` of a file; a malformed one is a ValueError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-
-
 def _weight_files(root: Path) -> dict[str, Path]:
     """Map each tensor name to its file, from the index when there is one; errors name the missing file."""
     index = root / INDEX_NAME
     if index.is_file():
-        data = _read_json(index)
+        data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
@@ -242,7 +234,7 @@ def plan_checkpoint(
         raise FileNotFoundError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
     config = Phi3Config.from_json(root / CONFIG_NAME)
     generation_path = root / GENERATION_CONFIG_NAME
-    generation = _read_json(generation_path) if generation_path.is_file() else {}
+    generation = read_json(generation_path) if generation_path.is_file() else {}
     if not isinstance(generation, dict):
         raise ValueError(f"{generation_path}: expected a JSON object")
     files = _weight_files(root)

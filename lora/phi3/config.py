@@ -21,10 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Phi3Config", "architecture"]
+__all__ = ["Phi3Config", "architecture", "read_json"]
 
 # Names under which Phi-3 configs spell LongRoPE: "su" (April 2024 Hub files), "yarn" (older remote code).
 _LONGROPE_NAMES = ("su", "longrope", "yarn")
+
+
+def read_json(path: Path) -> Any:
+    """`json.loads` of a checkpoint's JSON file; a malformed one is a ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
 @dataclass
@@ -100,10 +108,7 @@ class Phi3Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found; expected a Hugging Face checkpoint directory")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        data = read_json(path)
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:

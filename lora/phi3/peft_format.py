@@ -27,6 +27,7 @@ from torch import nn
 
 from lora.atomic import atomic_directory
 from lora.layers import Linear, LoRALayer, MergedLinear, lora_alpha_for, lora_layers, lora_scaling
+from lora.phi3.config import read_json
 from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs, is_patchable
 from lora.sharding import full_tensor, is_sharded, shard_like, writes_files
 
@@ -173,10 +174,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no PEFT adapter config (expected {CONFIG_NAME} in {path})")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON: {error}") from error
+    config = read_json(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' is")
     for key, allowed in _UNSUPPORTED.items():
