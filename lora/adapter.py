@@ -105,9 +105,8 @@ def fingerprint(model: nn.Module, *, architecture: Mapping[str, Any] | None = No
 
 
 def _layer_entry(layer: LoRALayer) -> dict[str, Any]:
-    dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
     entry = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
-             "use_rslora": layer.use_rslora, "lora_dropout": dropout, "use_dora": layer.use_dora}
+             "use_rslora": layer.use_rslora, "lora_dropout": layer.dropout_rate, "use_dora": layer.use_dora}
     if isinstance(layer, MergedLinear):
         entry.update(split_sizes=list(layer.split_sizes), enable_lora=list(layer.enable_lora))
     return entry

@@ -218,7 +218,14 @@ class LoRALayer:
             return ()
         return ("lora_A", "lora_B", "lora_magnitude") if self.use_dora else ("lora_A", "lora_B")
 
+    @property
+    def dropout_rate(self) -> float:
+        """The adapters' dropout probability, `lora_dropout` (0.0 without dropout), whatever the mode."""
+        dropout = self.lora_dropout
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
     def _lora_dropout_p(self) -> float:
+        # forward's rate (0 in eval mode), inline: it runs on every call
         dropout = self.lora_dropout
         return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
 
@@ -294,8 +301,7 @@ class LoRALayer:
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.r > 0:
-            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-            text += f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={p}"
+            text += f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.dropout_rate}"
             if self.use_rslora:
                 text += ", use_rslora=True"
             if self.use_dora:

@@ -128,7 +128,7 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
     short = sorted({name.rsplit(".", 1)[1] for name in modules})
     every_layer = {f"model.layers.{i}.{MODULE_NAMES[s][0]}.{s}" for s in short
                    for i in range(len(model.model.layers))} == set(modules)
-    dropouts = {layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0 for _, layer in layers}
+    dropouts = {layer.dropout_rate for _, layer in layers}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
