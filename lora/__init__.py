@@ -1,4 +1,4 @@
-"""LoRA layers for PyTorch with loralib's API, and LoRA fine-tuning of Phi-3 (``lora.phi3``).
+"""LoRA layers for PyTorch with loralib's API, and LoRA fine-tuning of Phi-3 (`lora.phi3`).
 
 Switch from loralib by changing one import:
 
@@ -24,36 +24,26 @@ from .layers import (
     MergedLinear,
     check_lora_shapes,
     check_lora_shapes_on_load,
+    lora_layers,
+    lora_scaling,
 )
 from .merging import disable_adapters, merge_lora, merged, merged_state_dict, unmerge_lora
 from .quant import QuantizedMergeError
+from .slices import LoRASlice
 from .trainable import lora_parameter_names, lora_state_dict, mark_only_lora_as_trainable
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRALayer",
-    "Linear",
-    "Embedding",
-    "MergedLinear",
-    "ConvLoRA",
-    "Conv1d",
-    "Conv2d",
-    "Conv3d",
-    "mark_only_lora_as_trainable",
-    "lora_state_dict",
-    "lora_parameter_names",
-    "merge_lora",
-    "unmerge_lora",
-    "merged",
-    "merged_state_dict",
-    "disable_adapters",
-    "check_lora_shapes",
-    "check_lora_shapes_on_load",
-    "save_adapter",
-    "load_adapter",
-    "AdapterMismatchError",
-    "QuantizedMergeError",
+    # the layers (loralib's names) and their slices
+    "LoRALayer", "Linear", "Embedding", "MergedLinear", "ConvLoRA", "Conv1d", "Conv2d", "Conv3d", "LoRASlice",
+    "lora_layers", "lora_scaling",
+    # what trains and what a LoRA checkpoint holds
+    "mark_only_lora_as_trainable", "lora_state_dict", "lora_parameter_names",
+    # merging
+    "merge_lora", "unmerge_lora", "merged", "merged_state_dict", "disable_adapters", "QuantizedMergeError",
+    # loading checks and adapter files
+    "check_lora_shapes", "check_lora_shapes_on_load", "save_adapter", "load_adapter", "AdapterMismatchError",
 ]
 
 

@@ -2,12 +2,16 @@
 
 The header metadata (strings, as safetensors requires) holds:
 
-- ``format``: ``"lora-adapter"``, ``format_version``: ``"1"``;
-- ``layers``: JSON, for each adapted module its class, ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, dropout and,
-  for a ``MergedLinear``, its ``split_sizes`` and ``enable_lora``;
-- ``fingerprint``: JSON, the base model's architecture fields (from ``model.config`` when it has one) and
-  the name, shape and dtype of every adapted weight: for a 4-bit (QLoRA) base the logical (out, in) shape and
-  the dtype it computes in, so a QLoRA adapter loads onto the bf16 base and the other way round.
+- `format`: `"lora-adapter"`, `format_version`: `"1"`;
+- `layers`: JSON, for each adapted module its class, `r`, `lora_alpha`, `use_rslora`, `use_dora`, dropout and,
+  for a `MergedLinear`, its `split_sizes` and `enable_lora`;
+- `fingerprint`: JSON, the base model's architecture fields (`ARCHITECTURE_FIELDS`, from its normalised config:
+  the `architecture` a caller passes, else `model.config` when it has one) and the name, shape and dtype of every
+  adapted weight: for a 4-bit (QLoRA) base the logical (out, in) shape and the dtype it computes in, so a QLoRA
+  adapter loads onto the bf16 base and the other way round.
+
+A model family's own spellings (Phi-3's legacy RoPE names, say) are normalised by its config class, not here:
+`lora.phi3.config.architecture(config)` gives the `architecture` of any Phi-3 config.
 
 Loading checks the layout (every tensor's name and shape, every module's r/alpha/slices) before it copies
 anything, then the fingerprint; nothing is read with pickle.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +33,17 @@ from torch import nn
 
 from . import quant
 from .atomic import atomic_write
-from .layers import LoRALayer, MergedLinear
+from .layers import LoRALayer, MergedLinear, lora_layers
 from .sharding import shard_like, writes_files
 from .trainable import lora_state_dict
 
-__all__ = ["save_adapter", "load_adapter", "adapter_metadata", "AdapterMismatchError"]
+__all__ = ["ARCHITECTURE_FIELDS", "AdapterMismatchError", "adapter_metadata", "fingerprint", "load_adapter",
+           "save_adapter"]
 
 FORMAT = "lora-adapter"
 FORMAT_VERSION = "1"
-# Fields of a transformer config that change what an adapter means even when every shape agrees
-# (a 4k adapter on a 128k base: same shapes, other positions).
+# Fields of a transformer config (transformers' names) that change what an adapter means even when every shape
+# agrees (a 4k adapter on a 128k base: same shapes, other positions).
 ARCHITECTURE_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "max_position_embeddings", "original_max_position_embeddings",
@@ -54,6 +60,7 @@ class AdapterMismatchError(ValueError):
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
+    # A config's fields as transformers spells them (4 or 5), with the defaults transformers implies filled in.
     if config is None:
         return {}
     if dataclasses.is_dataclass(config):
@@ -72,7 +79,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
                 data[key] = rope[key]
         rope_type = rope.get("rope_type") or rope.get("type")
         if data.get("rope_type") is None and rope_type is not None:
-            data["rope_type"] = "longrope" if rope_type in ("su", "yarn") else rope_type
+            data["rope_type"] = rope_type
     if data.get("head_dim") is None and data.get("hidden_size") and data.get("num_attention_heads"):
         data["head_dim"] = data["hidden_size"] // data["num_attention_heads"]
     if data.get("num_key_value_heads") is None and data.get("num_attention_heads"):
@@ -81,50 +88,51 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return data
 
 
-def fingerprint(model: nn.Module) -> dict[str, Any]:
+def fingerprint(model: nn.Module, *, architecture: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The base model's architecture fields and the name, shape and dtype of every adapted weight (a 4-bit
-    weight's logical (out, in) shape and the dtype it dequantizes to, not its packed uint8 storage)."""
-    config = _config_dict(getattr(model, "config", None))
+    weight's logical (out, in) shape and the dtype it dequantizes to, not its packed uint8 storage).
+
+    `architecture`: the base model's normalised config (a mapping, e.g. `lora.phi3.config.architecture(config)`);
+    by default `model.config`, read as transformers spells it.
+    """
+    config = _config_dict(getattr(model, "config", None) if architecture is None else architecture)
     architecture = {key: config.get(key) for key in ARCHITECTURE_FIELDS if key in config}
     weights = {
         name: [list(quant.logical_shape(layer.weight)), str(quant.logical_dtype(layer.weight)).removeprefix("torch.")]
-        for name, layer in _lora_layers(model)
+        for name, layer in lora_layers(model, adapted_only=True)
     }
     return {"architecture": architecture, "weights": weights}
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora]
-
-
 def _layer_entry(layer: LoRALayer) -> dict[str, Any]:
-    dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
     entry = {"class": type(layer).__name__, "r": layer.r, "lora_alpha": layer.lora_alpha,
-             "use_rslora": layer.use_rslora, "lora_dropout": dropout, "use_dora": layer.use_dora}
+             "use_rslora": layer.use_rslora, "lora_dropout": layer.dropout_rate, "use_dora": layer.use_dora}
     if isinstance(layer, MergedLinear):
         entry.update(split_sizes=list(layer.split_sizes), enable_lora=list(layer.enable_lora))
     return entry
 
 
-def adapter_metadata(model: nn.Module) -> dict[str, str]:
-    """The header metadata ``save_adapter`` writes for ``model``."""
-    layers = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
+def adapter_metadata(model: nn.Module, *, architecture: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The header metadata `save_adapter` writes for `model` (`architecture`: see `fingerprint`)."""
+    layers = {name: _layer_entry(layer) for name, layer in lora_layers(model, adapted_only=True)}
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True),
-            "fingerprint": json.dumps(fingerprint(model), sort_keys=True)}
+            "fingerprint": json.dumps(fingerprint(model, architecture=architecture), sort_keys=True)}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s adapters (``lora_A``/``lora_B`` of every LoRA layer) to one safetensors file.
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, architecture: Mapping[str, Any] | None = None) -> None:
+    """Write `model`'s adapters (`lora_A`/`lora_B` of every LoRA layer) to one safetensors file.
+
+    `architecture`: the base model's normalised config for the fingerprint (see `fingerprint`).
 
     On a model sharded with FSDP2, call it on every rank: the adapters are gathered whole and rank 0
-    writes ``path`` (the other ranks write nothing).
+    writes `path` (the other ranks write nothing).
 
     >>> lora.save_adapter(model, "adapter.safetensors")  # doctest: +SKIP
     """
     tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
     if not tensors:
         raise ValueError("the model has no LoRA layers with r > 0: there is no adapter to save")
-    metadata = adapter_metadata(model)
+    metadata = adapter_metadata(model, architecture=architecture)
     if writes_files(model):
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -161,12 +169,19 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return metadata, tensors
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprint: bool = False) -> None:
-    """Load an adapter file written by ``save_adapter`` into an identically patched ``model``.
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    ignore_fingerprint: bool = False,
+    architecture: Mapping[str, Any] | None = None,
+) -> None:
+    """Load an adapter file written by `save_adapter` into an identically patched `model`.
 
-    Raises ``AdapterMismatchError`` naming the first tensor or module that does not match, and, when every
+    Raises `AdapterMismatchError` naming the first tensor or module that does not match, and, when every
     shape matches but the base model differs (say a 4k adapter onto a 128k base), naming the differing
-    fields; ``ignore_fingerprint=True`` loads anyway. Nothing is copied unless everything matches.
+    fields; `ignore_fingerprint=True` loads anyway. Nothing is copied unless everything matches.
+    `architecture`: the base model's normalised config, compared with the file's (see `fingerprint`).
     On a model sharded with FSDP2 (call it on every rank) each rank copies its slice of each tensor.
     """
     path = Path(path)
@@ -181,7 +196,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprin
         if tensors[name].shape != own[name].shape:
             raise AdapterMismatchError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
                                        f"the model's is {tuple(own[name].shape)}")
-    current = {name: _layer_entry(layer) for name, layer in _lora_layers(model)}
+    current = {name: _layer_entry(layer) for name, layer in lora_layers(model, adapted_only=True)}
     for name in sorted(current):
         for key in ("class", "r", "lora_alpha", "use_rslora", "split_sizes", "enable_lora", "use_dora"):
             # files written before DoRA existed have no use_dora: they are plain LoRA
@@ -191,7 +206,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, ignore_fingerprin
                 raise AdapterMismatchError(f"{path}: module {name!r} was saved with {key}={saved!r}, "
                                            f"the model has {key}={have!r}")
     if not ignore_fingerprint:
-        saved_print, have_print = json.loads(metadata["fingerprint"]), fingerprint(model)
+        saved_print, have_print = json.loads(metadata["fingerprint"]), fingerprint(model, architecture=architecture)
         differing = []
         for section in ("architecture", "weights"):
             a, b = saved_print.get(section, {}), have_print.get(section, {})

@@ -4,15 +4,15 @@ A file or directory is written under a temporary name beside its destination, ev
 of it is fsynced, and then it takes the destination's name in one rename: a reader (or the next run after
 a crash, kill -9 or power loss) sees either the complete old version or the complete new one, never a mix.
 
-- ``atomic_write(path, write)``: one file; ``write(temporary_path)`` fills it.
-- ``atomic_directory(path)``: a context manager yielding an empty temporary directory to fill; on a clean
-  exit it replaces ``path`` as a whole. An existing directory is swapped out in one ``renameat2``
-  ``RENAME_EXCHANGE`` (Linux) and deleted only after the new one is in place; where the platform lacks
-  that call, two renames (old aside, new in) leave a window of a few microseconds in which ``path`` is
-  missing (the old version is still complete beside it, as ``.NAME.tmp-...``).
+- `atomic_write(path, write)`: one file; `write(temporary_path)` fills it.
+- `atomic_directory(path)`: a context manager yielding an empty temporary directory to fill; on a clean
+  exit it replaces `path` as a whole. An existing directory is swapped out in one `renameat2`
+  `RENAME_EXCHANGE` (Linux) and deleted only after the new one is in place; where the platform lacks
+  that call, two renames (old aside, new in) leave a window of a few microseconds in which `path` is
+  missing (the old version is still complete beside it, as `.NAME.tmp-...`).
 
-Temporaries are named ``.NAME.tmp-HOST-PID-RANDOM``. A save that raises removes its own; one whose process
-was killed leaves it behind, and the next save to the same place removes every temporary of ``NAME`` whose
+Temporaries are named `.NAME.tmp-HOST-PID-RANDOM`. A save that raises removes its own; one whose process
+was killed leaves it behind, and the next save to the same place removes every temporary of `NAME` whose
 process (on this host) is gone, so a crashed save of a large checkpoint does not hold its disk space forever.
 """
 
@@ -51,7 +51,7 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries that killed saves to ``path`` left beside it; returns what was removed."""
+    """Delete the temporaries that killed saves to `path` left beside it; returns what was removed."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():
@@ -78,7 +78,7 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (directories after their entries), then ``root``."""
+    """fsync every file and directory under `root` (directories after their entries), then `root`."""
     for directory, _, files in os.walk(root, topdown=False):
         for name in files:
             file = Path(directory) / name
@@ -88,7 +88,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap the names of ``a`` and ``b`` atomically (Linux ``renameat2``); False where unsupported."""
+    """Swap the names of `a` and `b` atomically (Linux `renameat2`); False where unsupported."""
     renameat2 = getattr(_libc(), "renameat2", None)
     if renameat2 is None:
         return False
@@ -109,11 +109,11 @@ def _libc() -> Any:
 
 
 def replace_directory(source: str | os.PathLike, destination: str | os.PathLike, *, replace: bool = True) -> None:
-    """Give the complete directory ``source`` the name ``destination``, deleting what was there after.
+    """Give the complete directory `source` the name `destination`, deleting what was there after.
 
-    ``source`` must be a sibling of ``destination`` (same filesystem) whose content is already fsynced (as
-    ``atomic_directory`` does). With ``replace=False`` an existing non-empty ``destination`` is kept and
-    ``FileExistsError`` raised.
+    `source` must be a sibling of `destination` (same filesystem) whose content is already fsynced (as
+    `atomic_directory` does). With `replace=False` an existing non-empty `destination` is kept and
+    `FileExistsError` raised.
     """
     source, destination = Path(source), Path(destination)
     if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
@@ -139,16 +139,16 @@ def replace_directory(source: str | os.PathLike, destination: str | os.PathLike,
 def atomic_directory(
     path: str | os.PathLike, *, replace: bool = True, carry: Callable[[str], bool] | None = None
 ) -> Iterator[Path]:
-    """Fill the yielded temporary directory; on a clean exit it becomes ``path``, as a whole.
+    """Fill the yielded temporary directory; on a clean exit it becomes `path`, as a whole.
 
     >>> with atomic_directory("out/adapter") as tmp:  # doctest: +SKIP
     ...     save_file(tensors, tmp / "adapter_model.safetensors")
     ...     (tmp / "adapter_config.json").write_text(text)
 
-    ``carry(name)``: entries of the existing ``path`` that the new version did not write and for which it
+    `carry(name)`: entries of the existing `path` that the new version did not write and for which it
     returns True are carried over (hard-linked, or copied) before the swap, so, say, the tokenizer files
     of a checkpoint directory survive a re-save of its weights. On an exception nothing changes and the
-    temporary directory is removed. ``replace=False``: raise ``FileExistsError`` if ``path`` exists
+    temporary directory is removed. `replace=False`: raise `FileExistsError` if `path` exists
     non-empty by the time the new version is complete.
     """
     path = Path(path)
@@ -183,7 +183,7 @@ def _link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> 
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(temporary_path)``, fsync the file, rename it to ``path``, fsync the directory.
+    """Call `write(temporary_path)`, fsync the file, rename it to `path`, fsync the directory.
 
     >>> atomic_write("adapter.safetensors", lambda tmp: save_file(tensors, tmp))  # doctest: +SKIP
     """

@@ -1,18 +1,18 @@
 """LoRA layers with loralib 0.1.2's names, arguments, defaults, parameter names and shapes.
 
-Each layer *is* the torch layer it extends (``Linear`` is an ``nn.Linear``), so a base checkpoint's
-``weight``/``bias`` keys load unchanged and only ``lora_A``/``lora_B`` are new. The adapted weight is
+Each layer *is* the torch layer it extends (`Linear` is an `nn.Linear`), so a base checkpoint's
+`weight`/`bias` keys load unchanged and only `lora_A`/`lora_B` are new. The adapted weight is
 
     W' = W + scaling * B @ A,    scaling = lora_alpha / r   (lora_alpha / sqrt(r) with use_rslora)
 
-defined once per layer type in ``delta_weight()``; merge, unmerge, ``merged_state_dict`` and the
+defined once per layer type in `delta_weight()`; merge, unmerge, `merged_state_dict` and the
 tests all use it.
 
-Merging never writes the frozen weight. ``merge()`` keeps the merged weight in a separate,
+Merging never writes the frozen weight. `merge()` keeps the merged weight in a separate,
 non-persistent buffer that forward uses instead, so unmerging restores the original bits exactly in
-every dtype, ``state_dict()`` always holds the unmerged base weight, and a merged state dict cannot
+every dtype, `state_dict()` always holds the unmerged base weight, and a merged state dict cannot
 double-apply the delta when it is loaded. The price: one weight-sized tensor (in the weight's dtype)
-per merged layer while it is merged. ``unmerge()`` frees it.
+per merged layer while it is merged. `unmerge()` frees it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 
 from . import lowrank, quant
 from .lowrank import autocast_enabled, compute_dtype, dropout_positions, lowrank_linear, no_autocast
+from .slices import LoRASlice, slice_layout
 
 __all__ = [
     "LoRALayer",
@@ -40,16 +41,40 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "check_flags",
+    "check_hyperparameters",
     "check_lora_shapes",
     "check_lora_shapes_on_load",
     "check_state_dict",
+    "lora_alpha_for",
+    "lora_layers",
+    "lora_scaling",
+    "refuse_quantized_merge",
 ]
 
 
-def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``r``, ``lora_alpha`` and ``lora_dropout`` are valid.
+def lora_scaling(lora_alpha: float, r: int, *, use_rslora: bool = False) -> float:
+    """The factor on `B @ A`: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (Kalajdzievski, 2023).
 
-    Any integer type is accepted for ``r`` (numpy's too, as loralib does); ``bool`` is not.
+    >>> lora_scaling(32, 16), lora_scaling(32, 16, use_rslora=True)
+    (2.0, 8.0)
+    """
+    return lora_alpha / _rank_divisor(r, use_rslora)
+
+
+def lora_alpha_for(scaling: float, r: int, *, use_rslora: bool = False) -> float:
+    """The `lora_alpha` whose `lora_scaling` at rank `r` is `scaling` (PEFT's per-module `alpha_pattern`)."""
+    return scaling * _rank_divisor(r, use_rslora)
+
+
+def _rank_divisor(r: int, use_rslora: bool) -> float:
+    return math.sqrt(r) if use_rslora else r
+
+
+def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
+    """Raise `TypeError`/`ValueError` unless `r`, `lora_alpha` and `lora_dropout` are valid.
+
+    Any integer type is accepted for `r` (numpy's too, as loralib does); `bool` is not.
     """
     if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r must be a non-negative int (0 means no LoRA); got {r!r} of type {type(r).__name__}")
@@ -66,7 +91,7 @@ def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
 
 
 def check_flags(**flags: Any) -> None:
-    """Raise ``TypeError`` unless each flag is a bool (numpy's too): the string ``"false"`` is truthy."""
+    """Raise `TypeError` unless each flag is a bool (numpy's too): the string `"false"` is truthy."""
     for name, value in flags.items():
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False; got {value!r} of type {type(value).__name__}")
@@ -85,11 +110,21 @@ def _adapter_dtype(weight: torch.Tensor, adapter_dtype: torch.dtype | None) -> t
     return weight.dtype
 
 
-class LoRALayer:
-    """The LoRA state shared by every layer: ``r``, ``lora_alpha``, ``scaling``, dropout, merging.
+class _Hyper(NamedTuple):
+    """A layer's LoRA hyperparameters as its constructor and `from_module` take them (checked by `LoRALayer`)."""
 
-    ``LoRALayer(r, lora_alpha, lora_dropout, merge_weights)`` is loralib's signature; subclasses
-    also call it with ``use_rslora``.
+    r: Any
+    lora_alpha: Any
+    lora_dropout: Any
+    merge_weights: Any
+    use_rslora: Any
+
+
+class LoRALayer:
+    """The LoRA state shared by every layer: `r`, `lora_alpha`, `scaling`, dropout, merging.
+
+    `LoRALayer(r, lora_alpha, lora_dropout, merge_weights)` is loralib's signature; subclasses
+    also call it with `use_rslora`.
     """
 
     r: int
@@ -109,7 +144,7 @@ class LoRALayer:
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
         if r > 0:
-            self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+            self.scaling = lora_scaling(lora_alpha, r, use_rslora=use_rslora)
         # A real module, not loralib's lambda: layers pickle, deep-copy and work under DDP.
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merge_weights = merge_weights
@@ -121,13 +156,46 @@ class LoRALayer:
     # -- the delta, defined once per layer type ---------------------------------------------------
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` in float32 (float64 for a float64 weight), shaped like ``self.weight``.
+        """`scaling * B @ A` in float32 (float64 for a float64 weight), shaped like `self.weight`.
 
-        Computed with autocast off, so a merge or a conv forward inside ``torch.autocast`` gets the same
+        Computed with autocast off, so a merge or a conv forward inside `torch.autocast` gets the same
         float32 delta as outside it.
         """
         with no_autocast(self.weight.device):
             return self._delta_weight()
+
+    # -- building: what every kind shares; each states its adapter shapes and its own checks ----------
+
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError(f"{type(self).__name__} does not define the shapes of lora_A and lora_B")
+
+    def _attach(self, adapter_dtype: torch.dtype | None, attributes: Mapping[str, Any]) -> None:
+        # The kind's own attributes, then zero adapters of its shapes (r > 0) in the adapter dtype.
+        for name, value in attributes.items():
+            setattr(self, name, value)
+        self._init_layout()
+        if self.r > 0:
+            a_shape, b_shape = self._adapter_shapes()
+            _init_adapters(self, a_shape, b_shape, _adapter_dtype(self.weight, adapter_dtype))
+
+    def _init_layout(self) -> None:
+        """Derive what the adapter shapes need from the kind's attributes (`Linear`: its `lora_slices`)."""
+
+    def _construct(self, base_init: Any, hyper: _Hyper, adapter_dtype: torch.dtype | None, **attributes: Any) -> None:
+        """The constructors' path: `base_init()` builds the torch layer, then the LoRA state and adapters, then
+        `reset_parameters()` draws base and adapters in loralib's order."""
+        base_init()
+        LoRALayer.__init__(self, *hyper[:4], use_rslora=hyper.use_rslora)
+        self._attach(adapter_dtype, attributes)
+        self.reset_parameters()
+
+    @classmethod
+    def _wrap(cls, module: nn.Module, hyper: _Hyper, adapter_dtype: torch.dtype | None, **attributes: Any) -> Any:
+        """The `from_module` path: a `cls` sharing `module`'s Parameters (`_adopt`), with adapters at their init."""
+        layer = _adopt(cls, module, *hyper)
+        layer._attach(adapter_dtype, attributes)
+        layer.reset_lora_parameters()
+        return layer
 
     def _delta_weight(self) -> torch.Tensor:
         raise NotImplementedError(
@@ -144,22 +212,29 @@ class LoRALayer:
         return self._parameters.get("lora_A") is not None
 
     def adapter_parameter_names(self) -> tuple[str, ...]:
-        """The names of the parameters that train and go into adapter files: ``lora_A``, ``lora_B`` (and DoRA's
-        ``lora_magnitude``); none without an adapter."""
+        """The names of the parameters that train and go into adapter files: `lora_A`, `lora_B` (and DoRA's
+        `lora_magnitude`); none without an adapter."""
         if not self.has_lora:
             return ()
         return ("lora_A", "lora_B", "lora_magnitude") if self.use_dora else ("lora_A", "lora_B")
 
+    @property
+    def dropout_rate(self) -> float:
+        """The adapters' dropout probability, `lora_dropout` (0.0 without dropout), whatever the mode."""
+        dropout = self.lora_dropout
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
     def _lora_dropout_p(self) -> float:
+        # forward's rate (0 in eval mode), inline: it runs on every call
         dropout = self.lora_dropout
         return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
 
     # -- merging ----------------------------------------------------------------------------------
 
     def merged_weight_tensor(self) -> torch.Tensor:
-        """The merged weight ``W + delta``, computed in float32 and returned in the weight's dtype.
+        """The merged weight `W + delta`, computed in float32 and returned in the weight's dtype.
 
-        Over a 4-bit base it is ``dequantize(W4) + delta`` in the dtype ``W4`` dequantizes to (bf16 or
+        Over a 4-bit base it is `dequantize(W4) + delta` in the dtype `W4` dequantizes to (bf16 or
         float32): the weights the adapters were trained against, not a 4-bit rounding of the sum.
         """
         weight = self.weight
@@ -177,11 +252,11 @@ class LoRALayer:
             return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     def merge(self) -> None:
-        """Use ``W + delta`` in forward (recomputed from the current adapters). Idempotent.
+        """Use `W + delta` in forward (recomputed from the current adapters). Idempotent.
 
-        Refused (``lora.quant.QuantizedMergeError``) over a 4-bit base: see ``_refuse_quantized_merge``.
+        Refused (`lora.quant.QuantizedMergeError`) over a 4-bit base: see `refuse_quantized_merge`.
         """
-        _refuse_quantized_merge(self, "merge()")
+        refuse_quantized_merge(self, "merge()")
         if self.has_lora:
             self.merged_weight = self.merged_weight_tensor()
         self.merged = True
@@ -192,7 +267,7 @@ class LoRALayer:
         self.merged = False
 
     def train(self, mode: bool = True):
-        """loralib's behaviour with ``merge_weights=True``: ``eval()`` merges, ``train()`` unmerges."""
+        """loralib's behaviour with `merge_weights=True`: `eval()` merges, `train()` unmerges."""
         super().train(mode)
         if self.merge_weights:
             if mode and self.merged:
@@ -226,8 +301,7 @@ class LoRALayer:
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.r > 0:
-            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-            text += f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={p}"
+            text += f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.dropout_rate}"
             if self.use_rslora:
                 text += ", use_rslora=True"
             if self.use_dora:
@@ -235,10 +309,13 @@ class LoRALayer:
         return text
 
 
-def _refuse_quantized_merge(layer: LoRALayer, what: str) -> None:
-    # W + delta has no 4-bit form equal to it: quantizing it again would move every weight by up to half a
-    # 4-bit step (the model would no longer be the one the adapters were trained on), and holding it in bf16
-    # beside the packed weight would cost 4x the base. A merged model is written instead, in bf16 or float32.
+def refuse_quantized_merge(layer: LoRALayer, what: str) -> None:
+    """Raise `lora.quant.QuantizedMergeError` (naming `what`) if `layer`'s base weight is 4-bit.
+
+    W + delta has no 4-bit form equal to it: quantizing it again would move every weight by up to half a
+    4-bit step (the model would no longer be the one the adapters were trained on), and holding it in bf16
+    beside the packed weight would cost 4x the base. A merged model is written instead, in bf16 or float32.
+    """
     if quant.is_quantized(getattr(layer, "weight", None)):
         raise quant.QuantizedMergeError(
             f"{type(layer).__name__}: {what} over a 4-bit (bitsandbytes) base weight is not supported: the merged "
@@ -246,13 +323,25 @@ def _refuse_quantized_merge(layer: LoRALayer, what: str) -> None:
             "merged bf16/float32 model with lora.phi3.merge_and_save (or lora.merged_state_dict)")
 
 
-def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
-    """Raise ``ValueError`` naming the first ``lora_A``/``lora_B`` in ``state_dict`` whose shape differs
-    from the one in ``model`` (keys under ``prefix``). Keys the model lacks are left to ``load_state_dict``.
+def lora_layers(
+    model: nn.Module, *, adapted_only: bool = False, prefix: str = "", remove_duplicate: bool = True
+) -> Iterator[tuple[str, LoRALayer]]:
+    """`(name, layer)` for each `LoRALayer` in `model`, as `model.named_modules` names them; with
+    `adapted_only`, only those with an adapter (`r > 0`).
+
+    >>> [name for name, _ in lora_layers(nn.Sequential(Linear(4, 4, r=2), nn.ReLU(), Linear(4, 4)))]
+    ['0', '2']
     """
-    for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
-        if not isinstance(module, LoRALayer):
-            continue
+    for name, module in model.named_modules(prefix=prefix, remove_duplicate=remove_duplicate):
+        if isinstance(module, LoRALayer) and (module.has_lora or not adapted_only):
+            yield name, module
+
+
+def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise `ValueError` naming the first `lora_A`/`lora_B` in `state_dict` whose shape differs
+    from the one in `model` (keys under `prefix`). Keys the model lacks are left to `load_state_dict`.
+    """
+    for name, module in lora_layers(model, prefix=prefix.rstrip("."), remove_duplicate=False):
         for param_name in ("lora_A", "lora_B", "lora_magnitude"):
             param = module._parameters.get(param_name)
             key = f"{name}.{param_name}" if name else param_name
@@ -264,10 +353,10 @@ def check_lora_shapes(model: nn.Module, state_dict: Mapping[str, Any], prefix: s
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: str = "", *, strict: bool = True) -> None:
-    """Raise unless ``model.load_state_dict(state_dict, strict=strict)`` would load completely.
+    """Raise unless `model.load_state_dict(state_dict, strict=strict)` would load completely.
 
-    Every tensor's shape must match (LoRA or not; a ``ValueError`` naming the first key), and with ``strict``
-    no key under ``prefix`` may be missing or unexpected (a ``RuntimeError``, as torch's). Without this check
+    Every tensor's shape must match (LoRA or not; a `ValueError` naming the first key), and with `strict`
+    no key under `prefix` may be missing or unexpected (a `RuntimeError`, as torch's). Without this check
     torch copies module by module and raises only at the end, leaving the model half-loaded.
     """
     check_lora_shapes(model, state_dict, prefix)
@@ -294,8 +383,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
 
 
 def _requested_strict() -> bool:
-    """The ``strict`` of the ``Module.load_state_dict`` call under way (torch passes its hooks and
-    ``_load_from_state_dict`` ``strict=True`` whatever the caller asked); False when there is none."""
+    """The `strict` of the `Module.load_state_dict` call under way (torch passes its hooks and
+    `_load_from_state_dict` `strict=True` whatever the caller asked); False when there is none."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is nn.Module.load_state_dict.__code__:
@@ -309,12 +398,12 @@ def _check_lora_shapes_hook(module: nn.Module, state_dict: Mapping[str, Any], pr
 
 
 def check_lora_shapes_on_load(model: nn.Module) -> None:
-    """Make ``model.load_state_dict`` check the whole state dict (``check_state_dict``: every shape, and with
-    ``strict`` every key) before it loads anything. Idempotent.
+    """Make `model.load_state_dict` check the whole state dict (`check_state_dict`: every shape, and with
+    `strict` every key) before it loads anything. Idempotent.
 
     Each LoRA layer checks its own keys anyway, but torch loads module by module, so without this a
     mismatch in a late layer would be raised after earlier modules were overwritten.
-    ``mark_only_lora_as_trainable`` and the Phi-3 patcher call it on the model they are given.
+    `mark_only_lora_as_trainable` and the Phi-3 patcher call it on the model they are given.
     """
     hooks = model._load_state_dict_pre_hooks.values()
     if not any(getattr(hook, "hook", None) is _check_lora_shapes_hook for hook in hooks):
@@ -328,9 +417,9 @@ def _refuse_lora_layer(cls: type, module: nn.Module) -> None:
 
 
 def _adopt(cls: type, module: nn.Module, r, lora_alpha, lora_dropout, merge_weights, use_rslora) -> Any:
-    """A new ``cls`` instance holding ``module``'s attributes and its very Parameter objects, with LoRA state.
+    """A new `cls` instance holding `module`'s attributes and its very Parameter objects, with LoRA state.
 
-    ``module`` is not modified: bad hyperparameters raise before anything is shared.
+    `module` is not modified: bad hyperparameters raise before anything is shared.
     """
     _refuse_lora_layer(cls, module)
     layer = cls.__new__(cls)
@@ -361,7 +450,7 @@ def _check_dora(r: int, use_dora: Any) -> None:
 
 
 def _check_quantized(cls: type, module: nn.Linear, r: int, merge_weights: Any, use_dora: Any) -> None:
-    """Over a 4-bit base (a bitsandbytes ``Linear4bit``): no merge-on-eval, no DoRA; said before anything is built."""
+    """Over a 4-bit base (a bitsandbytes `Linear4bit`): no merge-on-eval, no DoRA; said before anything is built."""
     if not quant.is_quantized(module.weight):
         return
     check_flags(merge_weights=merge_weights, use_dora=use_dora)
@@ -389,10 +478,10 @@ def _init_adapters(layer: LoRALayer, a_shape: Sequence[int], b_shape: Sequence[i
 
 
 class Linear(LoRALayer, nn.Linear):
-    """``nn.Linear`` plus a rank-``r`` adapter: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+    """`nn.Linear` plus a rank-`r` adapter: `y = x W^T + b + scaling * dropout(x) A^T B^T`.
 
-    ``lora_A`` is (r, in_features), kaiming-uniform; ``lora_B`` is (out_features, r), zeros.
-    ``fan_in_fan_out=True`` is for a weight stored as (in_features, out_features) (GPT-2's Conv1D).
+    `lora_A` is (r, in_features), kaiming-uniform; `lora_B` is (out_features, r), zeros.
+    `fan_in_fan_out=True` is for a weight stored as (in_features, out_features) (GPT-2's Conv1D).
 
     >>> layer = Linear(64, 32, r=8, lora_alpha=16)
     >>> layer(torch.randn(4, 64)).shape
@@ -415,14 +504,16 @@ class Linear(LoRALayer, nn.Linear):
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
-        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
-        _check_dora(r, use_dora)
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            _init_adapters(self, (r, in_features), (out_features, r), _adapter_dtype(self.weight, adapter_dtype))
-        self.reset_parameters()
+        hyper = _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self._construct_linear(in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype, {})
+
+    def _construct_linear(self, in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype,
+                          layout: Mapping[str, Any]) -> None:
+        # Linear's and MergedLinear's constructors; `layout`: MergedLinear's enable_lora and split_sizes
+        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=hyper.merge_weights, use_rslora=hyper.use_rslora)
+        _check_dora(hyper.r, use_dora)
+        self._construct(lambda: nn.Linear.__init__(self, in_features, out_features, **kwargs), hyper, adapter_dtype,
+                        fan_in_fan_out=fan_in_fan_out, **layout)
         if fan_in_fan_out:
             self.weight.data = self.weight.data.t()
         if use_dora:
@@ -442,7 +533,7 @@ class Linear(LoRALayer, nn.Linear):
         use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> Linear:
-        """Wrap ``module`` without copying: the layer shares its ``weight`` and ``bias`` Parameters.
+        """Wrap `module` without copying: the layer shares its `weight` and `bias` Parameters.
 
         The base is not re-initialised; the adapters start as in the constructor (B = 0, so the
         output is unchanged). Works for meta-device and 16-bit weights.
@@ -452,20 +543,34 @@ class Linear(LoRALayer, nn.Linear):
         >>> layer.weight is base.weight
         True
         """
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"Linear.from_module expects an nn.Linear; got {type(module).__name__}")
-        _check_weight_layout(module, fan_in_fan_out)
+        cls._check_linear(module, fan_in_fan_out)
         _check_dora(r, use_dora)
         _check_quantized(cls, module, r, merge_weights, use_dora)
-        layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        layer.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            in_features, out_features = layer.in_features, layer.out_features
-            _init_adapters(layer, (r, in_features), (out_features, r), _adapter_dtype(layer.weight, adapter_dtype))
-            layer.reset_lora_parameters()
+        return cls._wrap_linear(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
+                                use_dora, adapter_dtype, {})
+
+    @classmethod
+    def _check_linear(cls, module: nn.Module, fan_in_fan_out: bool) -> None:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.Linear; got {type(module).__name__}")
+        _check_weight_layout(module, fan_in_fan_out)
+
+    @classmethod
+    def _wrap_linear(cls, module, hyper, fan_in_fan_out, use_dora, adapter_dtype, layout: Mapping[str, Any]):
+        layer = cls._wrap(module, hyper, adapter_dtype, fan_in_fan_out=fan_in_fan_out, **layout)
         if use_dora:
             layer._enable_dora()
         return layer
+
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # lora_A stacks an (r, in) block per slice, lora_B a (size, r) block per slice
+        return (self.r * len(self.lora_slices), self.in_features), (sum(s.size for s in self.lora_slices), self.r)
+
+    def _split(self) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return (self.out_features,), (True,)
+
+    def _init_layout(self) -> None:
+        self.lora_slices: tuple[LoRASlice, ...] = slice_layout(*self._split(), self.r)
 
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
@@ -493,7 +598,7 @@ class Linear(LoRALayer, nn.Linear):
                 unexpected_keys[:] = [key for key in unexpected_keys if not key.startswith(head)]
 
     def reset_lora_parameters(self) -> None:
-        """A as ``nn.Linear`` initialises its weight, B zero (and DoRA's magnitude the row norms of W): the
+        """A as `nn.Linear` initialises its weight, B zero (and DoRA's magnitude the row norms of W): the
         layer starts as the base."""
         if self._parameters.get("lora_A") is not None:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -501,20 +606,15 @@ class Linear(LoRALayer, nn.Linear):
         if self._parameters.get("lora_magnitude") is not None:
             self.init_dora_magnitude()
 
-    def _slices(self) -> tuple[tuple[int, int], ...]:
-        return ((0, self.out_features),)
-
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _lora_delta(self) -> torch.Tensor:
         # scaling * B_j @ A_j in each slice's rows, (out, in), in float32 (float64 for a float64 weight)
-        (A, B), r = self._delta_factors(), self.r
+        A, B = self._delta_factors()
         delta = torch.zeros(self.out_features, self.in_features, device=self.weight.device, dtype=A.dtype)
-        row = 0
-        for j, (offset, size) in enumerate(self._slices()):
-            delta[offset : offset + size] = B[row : row + size] @ A[j * r : (j + 1) * r]
-            row += size
+        for s in self.lora_slices:
+            delta[s.columns] = B[s.b_rows] @ A[s.a_rows]
         return delta.mul_(self.scaling)
 
     def _dora_weight(self) -> torch.Tensor:
@@ -522,11 +622,8 @@ class Linear(LoRALayer, nn.Linear):
         delta = self._lora_delta()
         merged = self._weight_out_in().to(delta.dtype).clone()
         scale = (self.lora_magnitude.to(delta.dtype) / self.dora_norm().to(delta.dtype)).detach()
-        row = 0
-        for offset, size in self._slices():
-            rows = slice(offset, offset + size)
-            merged[rows] = scale[row : row + size, None] * (merged[rows] + delta[rows])
-            row += size
+        for s in self.lora_slices:
+            merged[s.columns] = scale[s.b_rows, None] * (merged[s.columns] + delta[s.columns])
         return merged
 
     def _delta_weight(self) -> torch.Tensor:
@@ -538,7 +635,7 @@ class Linear(LoRALayer, nn.Linear):
         return delta.t() if self.fan_in_fan_out else delta
 
     def merged_weight_tensor(self) -> torch.Tensor:
-        """The merged weight: ``W + delta``, or DoRA's ``m / n * (W + delta)`` on the adapted rows, computed in
+        """The merged weight: `W + delta`, or DoRA's `m / n * (W + delta)` on the adapted rows, computed in
         float32 and returned in the weight's dtype."""
         if not (self.use_dora and self.has_lora):
             return super().merged_weight_tensor()
@@ -549,16 +646,16 @@ class Linear(LoRALayer, nn.Linear):
     # -- DoRA ---------------------------------------------------------------------------------------
 
     def _enable_dora(self) -> None:
-        rows = sum(size for _, size in self._slices())
+        rows = sum(s.size for s in self.lora_slices)
         self.lora_magnitude = nn.Parameter(torch.zeros(rows, device=self.weight.device, dtype=self.lora_A.dtype))
         self.use_dora = True
         if not self.weight.is_meta:
             self.init_dora_magnitude()
 
     def init_dora_magnitude(self) -> None:
-        """Set DoRA's magnitude to the current row norms of ``W + scaling * B @ A`` (so ``m / n = 1``).
+        """Set DoRA's magnitude to the current row norms of `W + scaling * B @ A` (so `m / n = 1`).
 
-        The constructors and ``reset_lora_parameters`` call it; call it yourself after loading a base weight
+        The constructors and `reset_lora_parameters` call it; call it yourself after loading a base weight
         into a layer built on the meta device (unless the adapter file you load holds the magnitude).
         """
         with torch.no_grad():
@@ -576,13 +673,13 @@ class Linear(LoRALayer, nn.Linear):
         return cached[1]
 
     def dora_norm(self) -> torch.Tensor:
-        """DoRA's ``n``: the row norms of ``W + scaling * B @ A`` for the adapted rows, detached, in float32.
+        """DoRA's `n`: the row norms of `W + scaling * B @ A` for the adapted rows, detached, in float32.
 
-        Computed in low rank, never building ``B @ A``: ``n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i +
-        s^2 B_i (A A^T) B_i^T``, with ``W A^T`` an (out, r) product in the weight's dtype and the rest in float32.
-        ``||W_i||^2``, and without grad ``n`` itself, are kept
+        Computed in low rank, never building `B @ A`: `n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i +
+        s^2 B_i (A A^T) B_i^T`, with `W A^T` an (out, r) product in the weight's dtype and the rest in float32.
+        `||W_i||^2`, and without grad `n` itself, are kept
         while the frozen weight is the same tensor with the same version counter (every in-place op bumps it; an
-        edit through ``.data`` is not seen) and ``A``, ``B`` hold the same values.
+        edit through `.data` is not seen) and `A`, `B` hold the same values.
         """
         # Without grad (generation, evaluation, merging) n is kept while W (its identity and version) and A and B
         # (their values: fused optimizers update parameters without bumping version counters) are unchanged; with
@@ -602,17 +699,16 @@ class Linear(LoRALayer, nn.Linear):
     def _compute_dora_norm(self) -> torch.Tensor:
         with torch.no_grad(), no_autocast(self.weight.device):
             weight, squares = self._weight_out_in(), self._weight_row_squares()
-            (A, B), r, s = self._delta_factors(), self.r, self.scaling
-            WAs = [(weight[offset : offset + size] @ A[j * r : (j + 1) * r].t().to(weight.dtype)).to(A.dtype)
-                   for j, (offset, size) in enumerate(self._slices())]  # (size, r) each: the only real GEMMs
+            (A, B), s = self._delta_factors(), self.scaling
+            WAs = [(weight[part.columns] @ A[part.a_rows].t().to(weight.dtype)).to(A.dtype)
+                   for part in self.lora_slices]  # (size, r) each: the only real GEMMs
             with lowrank.one_thread(weight.device):  # the rest is rank-r sized
-                parts, row = [], 0
-                for j, (offset, size) in enumerate(self._slices()):
-                    A_j, B_j = A[j * r : (j + 1) * r], B[row : row + size]
+                parts = []
+                for part, WA in zip(self.lora_slices, WAs, strict=True):
+                    A_j, B_j = A[part.a_rows], B[part.b_rows]
                     # rowsum(B_j * (2 s W A_j^T + s^2 B_j A_j A_j^T)) = the two terms of n^2 beyond ||W_i||^2
-                    inner = torch.addmm(WAs[j], B_j, A_j @ A_j.t(), beta=2 * s, alpha=s * s)
-                    parts.append(torch.linalg.vecdot(B_j, inner).add_(squares[offset : offset + size]))
-                    row += size
+                    inner = torch.addmm(WA, B_j, A_j @ A_j.t(), beta=2 * s, alpha=s * s)
+                    parts.append(torch.linalg.vecdot(B_j, inner).add_(squares[part.columns]))
                 squared = torch.cat(parts) if len(parts) > 1 else parts[0]
                 return squared.clamp_min_(0).sqrt_()
 
@@ -640,16 +736,16 @@ class Linear(LoRALayer, nn.Linear):
             self.lora_B,
             self.scaling,
             p=p,
-            slices=self._slices(),
+            slices=self.lora_slices,
             fan_in_fan_out=self.fan_in_fan_out,
             col_scale=col_scale,
         )
 
     def _dora_with_dropout(self, x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-        """PEFT's DoRA with dropout, in plain autograd: ``W x + b + (c - 1) W drop(x) + c s B A drop(x)`` per
-        adapted column, ``c = m / n``. The frozen GEMM runs twice (on ``x`` and on ``drop(x)``), as in PEFT.
+        """PEFT's DoRA with dropout, in plain autograd: `W x + b + (c - 1) W drop(x) + c s B A drop(x)` per
+        adapted column, `c = m / n`. The frozen GEMM runs twice (on `x` and on `drop(x)`), as in PEFT.
 
-        ``nn.Dropout`` drops the elements the hand-written path would (positions from one seed of torch's
+        `nn.Dropout` drops the elements the hand-written path would (positions from one seed of torch's
         default generator), so the two paths draw alike.
         """
         dtype = compute_dtype(x)
@@ -667,15 +763,15 @@ class Linear(LoRALayer, nn.Linear):
             base, on_dropped = F.linear(x, weight, bias), F.linear(x_drop, weight)
             xa = x_drop @ self.lora_A.to(dtype).t()
             scale = col_scale.to(dtype)
-            r, out = self.r, self.out_features
-            pieces, last, row = [], 0, 0
-            for j, (offset, size) in enumerate(self._slices()):
-                if offset > last:
-                    pieces.append(base[..., last:offset])
-                cols, c = slice(offset, offset + size), scale[row : row + size]
-                lora = xa[..., j * r : (j + 1) * r] @ self.lora_B[row : row + size].to(dtype).t()
+            out = self.out_features
+            pieces, last = [], 0
+            for s in self.lora_slices:
+                if s.offset > last:
+                    pieces.append(base[..., last : s.offset])
+                cols, c = s.columns, scale[s.b_rows]
+                lora = xa[..., s.a_rows] @ self.lora_B[s.b_rows].to(dtype).t()
                 pieces.append(base[..., cols] + (c - 1) * on_dropped[..., cols] + c * self.scaling * lora)
-                last, row = offset + size, row + size
+                last = s.offset + s.size
             if last < out:
                 pieces.append(base[..., last:out])
             return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
@@ -699,27 +795,21 @@ class Linear(LoRALayer, nn.Linear):
                             f"(x.to({dtype})) or run under torch.autocast")
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same maths with plain autograd ops (used for a custom ``lora_dropout`` module)."""
+        """The same maths with plain autograd ops (used for a custom `lora_dropout` module)."""
         if quant.is_quantized(self.weight):
             result = _linear4bit(x, self.weight, self.bias)
         else:
             result = F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
         xa = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-        r = self.r
-        parts, row = [], 0
-        for j, (offset, size) in enumerate(self._slices()):
-            out_j = xa[..., j * r : (j + 1) * r] @ self.lora_B[row : row + size].t()
-            row += size
-            parts.append((offset, size, out_j))
         delta = torch.zeros(*result.shape, dtype=xa.dtype, device=result.device)
-        for offset, size, out_j in parts:
-            delta[..., offset : offset + size] = out_j
+        for s in self.lora_slices:
+            delta[..., s.columns] = xa[..., s.a_rows] @ self.lora_B[s.b_rows].t()
         return result + (delta * self.scaling).to(result.dtype)
 
 
 def _linear4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequantize(W4).T + b`` by bitsandbytes' ``matmul_4bit``, whose autograd Function dequantizes again in
-    backward rather than saving the dequantized weight. Computes in ``compute_dtype(x)``, as the LoRA path does."""
+    """`x @ dequantize(W4).T + b` by bitsandbytes' `matmul_4bit`, whose autograd Function dequantizes again in
+    backward rather than saving the dequantized weight. Computes in `compute_dtype(x)`, as the LoRA path does."""
     bnb = quant.require_bitsandbytes()
     dtype = compute_dtype(x)
     with no_autocast(x.device):
@@ -729,12 +819,12 @@ def _linear4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class MergedLinear(Linear):
-    """One ``nn.Linear`` computing several projections (fused q|k|v), one adapter per enabled slice.
+    """One `nn.Linear` computing several projections (fused q|k|v), one adapter per enabled slice.
 
-    ``enable_lora`` says which of the equal output slices get an adapter (loralib's layout);
-    ``split_sizes`` gives unequal slice sizes instead (grouped-query attention: q larger than k, v).
-    ``lora_A`` stacks one (r, in) block per enabled slice; ``lora_B`` one (size, r) block per enabled
-    slice. Forward computes ``x @ A^T`` once and one small product per slice: the full (out, in)
+    `enable_lora` says which of the equal output slices get an adapter (loralib's layout);
+    `split_sizes` gives unequal slice sizes instead (grouped-query attention: q larger than k, v).
+    `lora_A` stacks one (r, in) block per enabled slice; `lora_B` one (size, r) block per enabled
+    slice. Forward computes `x @ A^T` once and one small product per slice: the full (out, in)
     delta is never built.
 
     >>> qkv = MergedLinear(64, 128, r=4, enable_lora=(True, False, True), split_sizes=(64, 32, 32))
@@ -761,20 +851,9 @@ class MergedLinear(Linear):
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
-        check_flags(fan_in_fan_out=fan_in_fan_out, merge_weights=merge_weights, use_rslora=use_rslora)
-        _check_dora(r, use_dora)
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
-        self.fan_in_fan_out = fan_in_fan_out
-        self.enable_lora = enable_lora
-        self.split_sizes = split_sizes
-        if r > 0:
-            self._init_slices(adapter_dtype)
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.t()
-        if use_dora:
-            self._enable_dora()
+        hyper = _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self._construct_linear(in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype,
+                               {"enable_lora": enable_lora, "split_sizes": split_sizes})
 
     @classmethod
     def from_module(  # type: ignore[override]
@@ -792,34 +871,24 @@ class MergedLinear(Linear):
         use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> MergedLinear:
-        """Wrap a fused ``nn.Linear`` without copying; ``split_sizes`` are its output slices.
+        """Wrap a fused `nn.Linear` without copying; `split_sizes` are its output slices.
 
-        ``enable_lora`` defaults to every slice.
+        `enable_lora` defaults to every slice.
 
         >>> qkv = nn.Linear(64, 128)  # q: 64, k: 32, v: 32
         >>> layer = MergedLinear.from_module(qkv, (64, 32, 32), r=4, enable_lora=(True, False, True))
         >>> layer.weight is qkv.weight
         True
         """
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"MergedLinear.from_module expects an nn.Linear; got {type(module).__name__}")
-        _check_weight_layout(module, fan_in_fan_out)
+        cls._check_linear(module, fan_in_fan_out)
         check_hyperparameters(r, lora_alpha, lora_dropout)
         _check_quantized(cls, module, r, merge_weights, use_dora)
         if enable_lora is None:
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
         _check_dora(r, use_dora)
-        layer = _adopt(cls, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        layer.fan_in_fan_out = fan_in_fan_out
-        layer.enable_lora = enable_lora
-        layer.split_sizes = split_sizes
-        if r > 0:
-            layer._init_slices(adapter_dtype)
-            layer.reset_lora_parameters()
-        if use_dora:
-            layer._enable_dora()
-        return layer
+        return cls._wrap_linear(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
+                                use_dora, adapter_dtype, {"enable_lora": enable_lora, "split_sizes": split_sizes})
 
     @staticmethod
     def _check_slices(
@@ -853,28 +922,18 @@ class MergedLinear(Linear):
             )
         return enable, sizes
 
-    def _init_slices(self, adapter_dtype: torch.dtype | None) -> None:
-        slices = self._slices()
-        dtype = _adapter_dtype(self.weight, adapter_dtype)
-        _init_adapters(self, (self.r * len(slices), self.in_features), (sum(s for _, s in slices), self.r), dtype)
-
-    def _slices(self) -> tuple[tuple[int, int], ...]:
-        slices, offset = [], 0
-        for size, on in zip(self.split_sizes, self.enable_lora, strict=True):
-            if on:
-                slices.append((offset, size))
-            offset += size
-        return tuple(slices)
+    def _split(self) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        return self.split_sizes, self.enable_lora
 
 
 class Embedding(LoRALayer, nn.Embedding):
-    """``nn.Embedding`` plus a rank-``r`` adapter: ``E' = E + scaling * (B @ A)^T``.
+    """`nn.Embedding` plus a rank-`r` adapter: `E' = E + scaling * (B @ A)^T`.
 
-    As in loralib, ``lora_A`` is (r, num_embeddings), zeros, and ``lora_B`` is (embedding_dim, r),
-    normal: the reverse of ``Linear``'s init, since a lookup has no input to project. The
-    ``padding_idx`` row's delta is always zero, ``max_norm`` renormalises the looked-up rows of
-    ``E'`` (merged or not) without writing the weight or ``lora_A``, and ``sparse=True`` is refused
-    with ``r > 0``.
+    As in loralib, `lora_A` is (r, num_embeddings), zeros, and `lora_B` is (embedding_dim, r),
+    normal: the reverse of `Linear`'s init, since a lookup has no input to project. The
+    `padding_idx` row's delta is always zero, `max_norm` renormalises the looked-up rows of
+    `E'` (merged or not) without writing the weight or `lora_A`, and `sparse=True` is refused
+    with `r > 0`.
     """
 
     def __init__(
@@ -889,18 +948,13 @@ class Embedding(LoRALayer, nn.Embedding):
         adapter_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        check_hyperparameters(r, lora_alpha, 0.0)
-        if r > 0 and kwargs.get("sparse"):
-            raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
+        self._check_sparse(r, lora_alpha, kwargs.get("sparse"))
         padding_idx = kwargs.get("padding_idx")
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"padding_idx must be in [-num_embeddings, num_embeddings) = [{-num_embeddings}, "
                              f"{num_embeddings}); got {padding_idx}")
-        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights, use_rslora=use_rslora)
-        if r > 0:
-            _init_adapters(self, (r, num_embeddings), (embedding_dim, r), _adapter_dtype(self.weight, adapter_dtype))
-        self.reset_parameters()
+        self._construct(lambda: nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs),
+                        _Hyper(r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
 
     @classmethod
     def from_module(
@@ -913,17 +967,21 @@ class Embedding(LoRALayer, nn.Embedding):
         use_rslora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> Embedding:
-        """Wrap ``module`` without copying: the layer shares its ``weight`` Parameter."""
+        """Wrap `module` without copying: the layer shares its `weight` Parameter."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
-        layer = _adopt(cls, module, r, lora_alpha, 0.0, merge_weights, use_rslora)
-        if r > 0 and module.sparse:
+        _refuse_lora_layer(cls, module)
+        cls._check_sparse(r, lora_alpha, module.sparse)
+        return cls._wrap(module, _Hyper(r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
+
+    @staticmethod
+    def _check_sparse(r: int, lora_alpha: float, sparse: bool | None) -> None:
+        check_hyperparameters(r, lora_alpha, 0.0)
+        if r > 0 and sparse:
             raise ValueError("sparse=True is not supported with r > 0: the adapters get dense gradients")
-        if r > 0:
-            shape_a, shape_b = (r, layer.num_embeddings), (layer.embedding_dim, r)
-            _init_adapters(layer, shape_a, shape_b, _adapter_dtype(layer.weight, adapter_dtype))
-            layer.reset_lora_parameters()
-        return layer
+
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.r, self.num_embeddings), (self.embedding_dim, self.r)
 
     def reset_parameters(self) -> None:
         nn.Embedding.reset_parameters(self)
@@ -968,21 +1026,21 @@ class Embedding(LoRALayer, nn.Embedding):
 
 
 class ConvLoRA(LoRALayer):
-    """What the conv layers share. ``ConvLoRA(nn.Conv2d, in, out, kernel_size, r=...)`` builds a
-    ``Conv2d`` (loralib's spelling); ``layer.conv`` is the layer itself, so loralib code that reads
-    ``layer.conv.weight`` keeps working.
+    """What the conv layers share. `ConvLoRA(nn.Conv2d, in, out, kernel_size, r=...)` builds a
+    `Conv2d` (loralib's spelling); `layer.conv` is the layer itself, so loralib code that reads
+    `layer.conv.weight` keeps working.
 
-    Parameterisation, with ``K`` the product of the kernel sizes and ``g`` the groups:
+    Parameterisation, with `K` the product of the kernel sizes and `g` the groups:
 
-    - ``Conv2d`` with an int kernel ``k`` and any conv with kernel 1: loralib's layout,
-      ``lora_A`` (r*k, in*k), ``lora_B`` (out/g*k, r*k), ``delta = (B @ A).view(weight.shape)``, so
+    - `Conv2d` with an int kernel `k` and any conv with kernel 1: loralib's layout,
+      `lora_A` (r*k, in*k), `lora_B` (out/g*k, r*k), `delta = (B @ A).view(weight.shape)`, so
       loralib checkpoints load. Its rank as an (out, in/g*K) matrix can exceed r.
-    - Any other kernel (tuples, ``Conv1d``/``Conv3d`` with kernel > 1, where loralib crashes):
-      ``lora_A`` (r, in/g*K), ``lora_B`` (out, r), ``delta = (B @ A).view(weight.shape)``: the weight
+    - Any other kernel (tuples, `Conv1d`/`Conv3d` with kernel > 1, where loralib crashes):
+      `lora_A` (r, in/g*K), `lora_B` (out, r), `delta = (B @ A).view(weight.shape)`: the weight
       seen as an (out, in/g*K) matrix gets a delta of rank at most r (PEFT's conv layout).
 
-    Dropout applies to the adapter's input: ``y = conv(x, W) + conv(dropout(x), delta)``; without
-    dropout (or in eval mode) that is one ``conv(x, W + delta)``.
+    Dropout applies to the adapter's input: `y = conv(x, W) + conv(dropout(x), delta)`; without
+    dropout (or in eval mode) that is one `conv(x, W + delta)`.
     """
 
     _conv_types: dict[type, type] = {}
@@ -1011,16 +1069,14 @@ class ConvLoRA(LoRALayer):
         **kwargs: Any,
     ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
-        conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora=use_rslora)
-        self.loralib_layout = self._is_loralib_layout(kernel_size)
-        if r > 0:
-            self._init_conv_adapters(adapter_dtype)
-        self.reset_parameters()
+        self._construct(lambda: conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs),
+                        _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
+                        loralib_layout=self._is_loralib_layout(kernel_size))
         self._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
 
-    def _is_loralib_layout(self, kernel_size: int | tuple[int, ...]) -> bool:
-        return isinstance(kernel_size, int) and (isinstance(self, nn.Conv2d) or kernel_size == 1)
+    @classmethod
+    def _is_loralib_layout(cls, kernel_size: int | tuple[int, ...]) -> bool:
+        return isinstance(kernel_size, int) and (issubclass(cls, nn.Conv2d) or kernel_size == 1)
 
     @classmethod
     def from_module(
@@ -1034,36 +1090,31 @@ class ConvLoRA(LoRALayer):
         use_rslora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ):
-        """Wrap an ``nn.Conv1d/2d/3d`` without copying; uses the true-rank parameterisation
+        """Wrap an `nn.Conv1d/2d/3d` without copying; uses the true-rank parameterisation
         unless the kernel is square (and 2d) or 1, as the constructor does."""
         _refuse_lora_layer(cls, module)
         target = ConvLoRA._conv_types.get(type(module))
         if target is None or cls not in (ConvLoRA, target):
             expected = "an nn.Conv1d, nn.Conv2d or nn.Conv3d" if cls is ConvLoRA else f"an nn.{cls.__name__}"
             raise TypeError(f"{cls.__name__}.from_module expects {expected}; got {type(module).__name__}")
-        layer = _adopt(target, module, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         ks = module.kernel_size
-        layer.loralib_layout = layer._is_loralib_layout(ks[0] if len(set(ks)) == 1 else ks)
-        if r > 0:
-            layer._init_conv_adapters(adapter_dtype)
-            layer.reset_lora_parameters()
+        square = ks[0] if len(set(ks)) == 1 else ks
+        layer = target._wrap(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
+                             loralib_layout=target._is_loralib_layout(square))
         layer._register_load_state_dict_pre_hook(_accept_loralib_conv_keys)
         return layer
 
     @property
     def conv(self):
-        """The layer itself: loralib 0.1.2 kept the conv in ``self.conv``."""
+        """The layer itself: loralib 0.1.2 kept the conv in `self.conv`."""
         return self
 
-    def _init_conv_adapters(self, adapter_dtype: torch.dtype | None) -> None:
-        r, groups = self.r, self.groups
-        dtype = _adapter_dtype(self.weight, adapter_dtype)
+    def _adapter_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        r = self.r
         if self.loralib_layout:
             k = self.kernel_size[0]
-            _init_adapters(self, (r * k, self.in_channels * k), (self.out_channels // groups * k, r * k), dtype)
-        else:
-            fan_in = self.weight[0].numel()  # in/groups * K
-            _init_adapters(self, (r, fan_in), (self.out_channels, r), dtype)
+            return (r * k, self.in_channels * k), (self.out_channels // self.groups * k, r * k)
+        return (r, self.weight[0].numel()), (self.out_channels, r)  # weight[0].numel(): in/groups * K
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -1096,21 +1147,21 @@ def _accept_loralib_conv_keys(state_dict, prefix, *args: Any) -> None:
 
 
 class Conv1d(ConvLoRA, nn.Conv1d):
-    """``nn.Conv1d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+    """`nn.Conv1d` with LoRA; see `ConvLoRA` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ConvLoRA.__init__(self, nn.Conv1d, *_strip_conv_type(args, kwargs, nn.Conv1d), **kwargs)
 
 
 class Conv2d(ConvLoRA, nn.Conv2d):
-    """``nn.Conv2d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+    """`nn.Conv2d` with LoRA; see `ConvLoRA` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ConvLoRA.__init__(self, nn.Conv2d, *_strip_conv_type(args, kwargs, nn.Conv2d), **kwargs)
 
 
 class Conv3d(ConvLoRA, nn.Conv3d):
-    """``nn.Conv3d`` with LoRA; see ``ConvLoRA`` for the parameterisation."""
+    """`nn.Conv3d` with LoRA; see `ConvLoRA` for the parameterisation."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ConvLoRA.__init__(self, nn.Conv3d, *_strip_conv_type(args, kwargs, nn.Conv3d), **kwargs)

@@ -1,37 +1,37 @@
 """The hot path: a frozen linear layer plus low-rank adapters, forward and backward by hand.
 
-For input ``x`` (N, in), frozen weight ``W`` (out, in), adapters ``A_j`` (r, in) and ``B_j`` (size_j, r)
-for each adapted slice ``j`` of the output:
+For input `x` (N, in), frozen weight `W` (out, in), adapters `A_j` (r, in) and `B_j` (size_j, r)
+for each adapted slice `j` of the output:
 
     y = x @ W.T + b,    y[:, slice_j] += scaling * (drop(x) @ A_j.T) @ B_j.T
 
-``drop`` zeroes each element with probability ``p`` and scales the rest by ``1 / (1 - p)``.
-Autograd on these ops would save a dropout mask and a dropped copy of ``x`` (two activation-sized
-tensors) and spend 7-15 ns per element on ``F.dropout``. Here the dropped elements are drawn as a sorted
-list of positions (about ``p * numel`` of them), and the maths uses
+`drop` zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
+Autograd on these ops would save a dropout mask and a dropped copy of `x` (two activation-sized
+tensors) and spend 7-15 ns per element on `F.dropout`. Here the dropped elements are drawn as a sorted
+list of positions (about `p * numel` of them), and the maths uses
 
     drop(x) @ A.T = (x @ A.T - D @ A.T) / (1 - p)          D: the dropped elements of x, sparse
 
-so no activation-sized mask or copy is built in the forward pass or saved for backward: saved are ``x`` (which
-the caller holds anyway), the rank-r product ``drop(x) @ A.T``, the dropped elements' positions (8 bytes
-each: 0.4 bytes per element of ``x`` at p = 0.05, against autograd's 5) and the parameters. The backward
-pass zeroes the dropped elements in a copy of ``x`` for ``dA`` and reuses that buffer for ``dx``, so it
+so no activation-sized mask or copy is built in the forward pass or saved for backward: saved are `x` (which
+the caller holds anyway), the rank-r product `drop(x) @ A.T`, the dropped elements' positions (8 bytes
+each: 0.4 bytes per element of `x` at p = 0.05, against autograd's 5) and the parameters. The backward
+pass zeroes the dropped elements in a copy of `x` for `dA` and reuses that buffer for `dx`, so it
 allocates no more than without dropout.
 
 Precision. Every activation-sized product is computed in the *compute dtype*: the input's dtype, or under
-``torch.autocast`` the dtype autocast would give a frozen ``nn.Linear`` on this input (``x``, the weight
+`torch.autocast` the dtype autocast would give a frozen `nn.Linear` on this input (`x`, the weight
 and the bias are cast to it once, at the boundary, as autocast would; autocast itself is off inside, so
 the forward's sparse dropout correction stays a float32 product). The adapters' output is written first
 and the frozen GEMM accumulates onto it, so the sum is rounded once: a delta too small to survive a
-16-bit rounding of its own still moves the 16-bit output. In float16 the adapter gradients ``dA`` and
-``dB`` are computed in float32 (sums over every token of a loss scaled by ``GradScaler`` overflow
+16-bit rounding of its own still moves the 16-bit output. In float16 the adapter gradients `dA` and
+`dB` are computed in float32 (sums over every token of a loss scaled by `GradScaler` overflow
 float16's 65504 long before float32); in bfloat16, which has float32's range, in bfloat16. Adapter
 gradients are returned in the adapters' dtype.
 
-A 4-bit base (a bitsandbytes ``Params4bit``: packed uint8 and a ``quant_state``) goes into the Function as it
+A 4-bit base (a bitsandbytes `Params4bit`: packed uint8 and a `quant_state`) goes into the Function as it
 is, with its quant state: it is dequantized into a temporary in the compute dtype for the frozen GEMM (which
-runs just after the Function, see ``lowrank_linear``) and freed, and the backward dequantizes it again for
-``dx``. Only the packed weight is saved (a quarter of bf16's bytes).
+runs just after the Function, see `lowrank_linear`) and freed, and the backward dequantizes it again for
+`dx`. Only the packed weight is saved (a quarter of bf16's bytes).
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+
+from .slices import LoRASlice, pair_layout
 
 __all__ = [
     "autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "new_seed", "no_autocast", "one_thread",
@@ -49,10 +51,10 @@ __all__ = [
 
 
 def dropout_positions(seed: int, numel: int, p: float, device: torch.device) -> torch.Tensor:
-    """Sorted flat indices of the dropped elements: each of ``numel`` independently with probability ``p``.
+    """Sorted flat indices of the dropped elements: each of `numel` independently with probability `p`.
 
     The gaps between successive drops of a Bernoulli(p) sequence are Geometric(p), so only about
-    ``p * numel`` random numbers are drawn (one per dropped element, not one per element): a twentieth of
+    `p * numel` random numbers are drawn (one per dropped element, not one per element): a twentieth of
     the work of a dense mask at p = 0.05. The same seed gives the same positions.
     """
     generator = torch.Generator(device=device)
@@ -81,7 +83,7 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
 def _dropped(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The dropped elements of an (N, in) matrix as a sparse CSR matrix (N, in).
 
-    ``positions`` are the sorted flat indices and ``values`` the elements there, so the row pointers are
+    `positions` are the sorted flat indices and `values` the elements there, so the row pointers are
     a binary search of each row's first flat index.
     """
     n, d = shape
@@ -110,20 +112,20 @@ def one_thread(device: torch.device) -> Iterator[None]:
 
 
 def autocast_enabled(device: torch.device) -> bool:
-    """Whether ``torch.autocast`` is on for ``device``'s type (never for a type it does not know: meta)."""
+    """Whether `torch.autocast` is on for `device`'s type (never for a type it does not know: meta)."""
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a frozen ``nn.Linear`` computes in on ``x``: autocast's, when autocast is on for ``x``'s
-    device and would cast ``x`` (a floating tensor other than float64), else ``x``'s own."""
+    """The dtype a frozen `nn.Linear` computes in on `x`: autocast's, when autocast is on for `x`'s
+    device and would cast `x` (a floating tensor other than float64), else `x`'s own."""
     if autocast_enabled(x.device) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Autocast off for ``device``'s type (a no-op when it is off already): for maths whose dtypes are chosen
+    """Autocast off for `device`'s type (a no-op when it is off already): for maths whose dtypes are chosen
     by hand, which autocast would otherwise re-cast op by op."""
     if autocast_enabled(device):
         return torch.autocast(device.type, enabled=False)
@@ -155,7 +157,7 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
                  quant_state):
-        # x: (N, in); slices: ((out_offset, size), ...) of the adapted output columns, in B's row order;
+        # x: (N, in); slices: the LoRASlices of the adapted output columns (lora.slices), in B's row order;
         # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
         # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward)
         dtype = x.dtype
@@ -182,7 +184,7 @@ class _LowRankLinear(torch.autograd.Function):
         n = x.shape[0]
         out = quant_state.shape[0] if quant_state is not None else weight.shape[1 if fan_in_fan_out else 0]
         first_bias = None if col_scale is not None else bias  # DoRA scales W x + s B A x, not the bias
-        covered = first_bias is None and sum(size for _, size in slices) == out
+        covered = first_bias is None and sum(s.size for s in slices) == out
         if covered:
             y = torch.empty(n, out, dtype=dtype, device=x.device)
         elif first_bias is None:
@@ -190,12 +192,9 @@ class _LowRankLinear(torch.autograd.Function):
         else:
             y = torch.empty(n, out, dtype=dtype, device=x.device).copy_(first_bias)
         beta = 0.0 if covered else 1.0
-        r = A.shape[0] // len(slices)
-        row = 0
-        for j, (offset, size) in enumerate(slices):
-            y[:, offset : offset + size].addmm_(xa[:, j * r : (j + 1) * r], B[row : row + size].t(), beta=beta,
-                                                alpha=scaling)
-            row += size
+        for s in slices:
+            y[:, s.offset : s.offset + s.size].addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r],
+                                                      B[s.row : s.row + s.size].t(), beta=beta, alpha=scaling)
         unscaled = None
         if col_scale is not None:
             # DoRA scales the frozen GEMM's output, so that GEMM runs here (otherwise just after the Function)
@@ -231,19 +230,16 @@ class _LowRankLinear(torch.autograd.Function):
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
-        r = A.shape[0] // len(slices)
 
         # G_j = scaling / (1 - p) * dy[:, slice_j] @ B_j side by side, and dB_j = scaling * dy[:, slice_j].T @ xa_j,
         # each written in place with the scale as the GEMM's alpha: no concatenation, no scaling pass.
         g = torch.empty(dy.shape[0], A.shape[0], dtype=dtype, device=dy.device)
         dB = torch.empty(B.shape, dtype=grad_dtype, device=dy.device)
         xa_grad = xa.to(grad_dtype)
-        row = 0
-        for j, (offset, size) in enumerate(slices):
-            dy_j, cols = dy[:, offset : offset + size], slice(j * r, (j + 1) * r)
-            g[:, cols].addmm_(dy_j, B[row : row + size], beta=0.0, alpha=scaling / (1.0 - p))
-            dB[row : row + size].t().addmm_(xa_grad[:, cols].t(), dy_j.to(grad_dtype), beta=0.0, alpha=scaling)
-            row += size
+        for s in slices:
+            dy_j, cols, rows = dy[:, s.offset : s.offset + s.size], slice(s.index * s.r, (s.index + 1) * s.r), s.row
+            g[:, cols].addmm_(dy_j, B[rows : rows + s.size], beta=0.0, alpha=scaling / (1.0 - p))
+            dB[rows : rows + s.size].t().addmm_(xa_grad[:, cols].t(), dy_j.to(grad_dtype), beta=0.0, alpha=scaling)
         dB = dB.to(lora_B.dtype)
 
         dropped_x = x
@@ -285,15 +281,17 @@ def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
     return dequantize(packed, quant_state).to(dtype)
 
 
-def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[tuple[int, int], ...]) -> None:
-    """Multiply each slice's columns of ``y`` in place by its part of ``scale`` (in the slices' order)."""
-    if len(slices) == 1 and slices[0] == (0, y.shape[1]):
+def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[LoRASlice, ...]) -> None:
+    """Multiply each slice's columns of `y` in place by its part of `scale` (in the slices' order)."""
+    if _whole(slices, y.shape[1]):
         y.mul_(scale)
         return
-    row = 0
-    for offset, size in slices:
-        y[:, offset : offset + size].mul_(scale[row : row + size])
-        row += size
+    for s in slices:
+        y[:, s.offset : s.offset + s.size].mul_(scale[s.row : s.row + s.size])
+
+
+def _whole(slices: tuple[LoRASlice, ...], out: int) -> bool:
+    return len(slices) == 1 and slices[0].offset == 0 and slices[0].size == out
 
 
 def _dora_backward(dy, y, bias, col_scale, slices, y_is_unscaled):
@@ -305,15 +303,13 @@ def _dora_backward(dy, y, bias, col_scale, slices, y_is_unscaled):
     unscaled = y if y_is_unscaled else (y - bias if bias is not None else y)
     scale, wide = col_scale.to(dy.dtype), torch.promote_types(dy.dtype, torch.float32)
     dscale = torch.empty(col_scale.shape, dtype=wide, device=dy.device)
-    row = 0
-    for offset, size in slices:
-        cols = slice(offset, offset + size)
+    for s in slices:
+        cols = slice(s.offset, s.offset + s.size)
         # vecdot: one pass, no product tensor (a product and a float32 sum over dim 0 took 2-6x as long)
-        dscale[row : row + size] = torch.linalg.vecdot(dy[:, cols], unscaled[:, cols], dim=0)
-        row += size
+        dscale[s.row : s.row + s.size] = torch.linalg.vecdot(dy[:, cols], unscaled[:, cols], dim=0)
     if not y_is_unscaled:
         dscale /= col_scale.to(wide)
-    if len(slices) == 1 and slices[0] == (0, dy.shape[1]):
+    if _whole(slices, dy.shape[1]):
         return dscale.to(col_scale.dtype), dy * scale
     scaled = dy.clone()
     _scale_columns(scaled, scale, slices)
@@ -329,21 +325,22 @@ def lowrank_linear(
     scaling: float,
     *,
     p: float = 0.0,
-    slices: tuple[tuple[int, int], ...],
+    slices: Sequence[LoRASlice] | Sequence[tuple[int, int]],
     fan_in_fan_out: bool = False,
     col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + b`` plus ``scaling * (drop(x) @ A_j.T) @ B_j.T`` added to each slice of the output.
+    """`x @ W.T + b` plus `scaling * (drop(x) @ A_j.T) @ B_j.T` added to each slice of the output.
 
-    ``col_scale`` (DoRA, without dropout): each adapted output column ``i`` (in ``lora_B``'s row order) is
-    multiplied by ``col_scale[i]`` before the bias is added, ``c * (W x + s B A x) + b``, and gets its
+    `col_scale` (DoRA, without dropout): each adapted output column `i` (in `lora_B`'s row order) is
+    multiplied by `col_scale[i]` before the bias is added, `c * (W x + s B A x) + b`, and gets its
     gradient.
 
-    ``x`` may have any leading dimensions. ``p`` is the dropout rate (0 in eval mode).
-    ``slices`` lists ``(offset, size)`` of the adapted output columns; ``lora_A`` stacks one (r, in)
-    block per slice and ``lora_B`` one (size, r) block per slice, in the same order. Computes in
-    ``compute_dtype(x)``: under autocast, ``x``, ``weight`` and ``bias`` are cast to autocast's dtype (the
-    output and ``dx`` are in it, as a frozen ``nn.Linear``'s would be), the adapters are not.
+    `x` may have any leading dimensions. `p` is the dropout rate (0 in eval mode).
+    `slices` lists the adapted output columns: a layer's `lora_slices` (`lora.slices.LoRASlice`), or
+    `(offset, size)` pairs; `lora_A` stacks one (r, in) block per slice and `lora_B` one (size, r) block
+    per slice, in the same order. Computes in
+    `compute_dtype(x)`: under autocast, `x`, `weight` and `bias` are cast to autocast's dtype (the
+    output and `dx` are in it, as a frozen `nn.Linear`'s would be), the adapters are not.
     """
     dtype = compute_dtype(x)
     # Casts outside the Function, so that autograd takes dx (and a trainable weight's gradient) back to
@@ -367,15 +364,17 @@ def lowrank_linear(
 
 
 def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None, quant_state=None):
-    """The layer on a 2-D ``x`` already in the compute dtype: the Function, then (but for DoRA) the frozen GEMM.
+    """The layer on a 2-D `x` already in the compute dtype: the Function, then (but for DoRA) the frozen GEMM.
 
     The frozen GEMM (and a 4-bit weight's dequantization) runs just after the Function, accumulating onto the
     adapters' output as it would inside (still one rounding of the sum), on detached operands: the Function's
     backward computes dx and autograd records no second use of W. The Function's saved tensors are then the
     last a checkpointed layer saves, so its recomputation, which stops once every saved tensor is back, skips
     the last projection's frozen GEMM and dequantization (backward never needs that output), as it does for a
-    frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function.
+    frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function. `slices`: LoRASlices, or
+    `(offset, size)` pairs in `lora_B`'s row order.
     """
+    slices = pair_layout(slices, lora_A.shape[0] // max(len(slices), 1))
     y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
                              quant_state)
     if col_scale is None:

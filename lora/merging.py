@@ -1,8 +1,8 @@
 """Model-level merging: fold every adapter into its weight for inference or export, and back.
 
-Every function here uses the layers' one definition of the delta (``LoRALayer.delta_weight``),
-computed in float32 once per call. Merging never writes the frozen weights (see ``lora.layers``), so
-``unmerge_lora`` restores them bit for bit.
+Every function here uses the layers' one definition of the delta (`LoRALayer.delta_weight`),
+computed in float32 once per call. Merging never writes the frozen weights (see `lora.layers`), so
+`unmerge_lora` restores them bit for bit.
 """
 
 from __future__ import annotations
@@ -14,47 +14,41 @@ import torch
 from torch import nn
 
 from . import quant
-from .layers import LoRALayer, _refuse_quantized_merge
+from .layers import LoRALayer, lora_layers, refuse_quantized_merge
 
 __all__ = ["merge_lora", "unmerge_lora", "merged", "merged_state_dict", "disable_adapters"]
 
 
-def _lora_layers(model: nn.Module, *, remove_duplicate: bool = True) -> Iterator[tuple[str, LoRALayer]]:
-    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
-        if isinstance(module, LoRALayer):
-            yield name, module
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Make every LoRA layer of ``model`` compute with ``W + delta``. Idempotent; returns ``model``.
+    """Make every LoRA layer of `model` compute with `W + delta`. Idempotent; returns `model`.
 
-    Costs one weight-sized tensor per adapted layer until ``unmerge_lora``. Refused, before any layer merges,
-    when a layer's base is 4-bit (``lora.quant.QuantizedMergeError``; ``merged_state_dict`` works there).
+    Costs one weight-sized tensor per adapted layer until `unmerge_lora`. Refused, before any layer merges,
+    when a layer's base is 4-bit (`lora.quant.QuantizedMergeError`; `merged_state_dict` works there).
     """
-    layers = [layer for _, layer in _lora_layers(model)]
+    layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
-        _refuse_quantized_merge(layer, "merge_lora")
+        refuse_quantized_merge(layer, "merge_lora")
     for layer in layers:
         layer.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo ``merge_lora``: the frozen weights are exactly what they were. Returns ``model``."""
-    for _, layer in _lora_layers(model):
+    """Undo `merge_lora`: the frozen weights are exactly what they were. Returns `model`."""
+    for _, layer in lora_layers(model):
         layer.unmerge()
     return model
 
 
 @contextmanager
 def merged(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` with merged weights inside the block, and restore each layer's state after.
+    """Run `model` with merged weights inside the block, and restore each layer's state after.
 
     >>> model = torch.nn.Sequential(Linear(8, 8, r=2))  # doctest: +SKIP
     >>> with lora.merged(model):
     ...     y = model(x)
     """
-    was_merged = [(layer, layer.merged) for _, layer in _lora_layers(model)]
+    was_merged = [(layer, layer.merged) for _, layer in lora_layers(model)]
     try:
         merge_lora(model)  # inside the try: a merge failing part-way (out of memory) is undone too
         yield model
@@ -67,7 +61,7 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (a reference model, or to compare with the base)."""
-    previous = [(layer, layer.adapters_disabled) for _, layer in _lora_layers(model)]
+    previous = [(layer, layer.adapters_disabled) for _, layer in lora_layers(model)]
     for layer, _ in previous:
         layer.adapters_disabled = True
     try:
@@ -78,14 +72,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict a plain (LoRA-free) copy of ``model`` would have, with every delta folded in.
+    """The state dict a plain (LoRA-free) copy of `model` would have, with every delta folded in.
 
-    A pure function: ``model`` is not modified. ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``) are left
-    out, so the result loads into the original architecture (``nn.Linear`` in place of ``lora.Linear``). This replaces
-    loralib's habit of calling ``model.eval()`` and saving ``model.state_dict()``.
+    A pure function: `model` is not modified. `lora_A`/`lora_B` (and DoRA's `lora_magnitude`) are left
+    out, so the result loads into the original architecture (`nn.Linear` in place of `lora.Linear`). This replaces
+    loralib's habit of calling `model.eval()` and saving `model.state_dict()`.
 
     Every 4-bit (bitsandbytes) weight, adapted or not, comes out dequantized, in the dtype it dequantizes to
-    (``dequantize(W4) + delta`` where adapted), without its quant-state keys: a plain bf16/float32 state dict.
+    (`dequantize(W4) + delta` where adapted), without its quant-state keys: a plain bf16/float32 state dict.
     """
     state = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -97,10 +91,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state[head] = quant.dequantize(weight)
     merged_weights: dict[int, torch.Tensor] = {}
     # every name a shared layer has, as state_dict() lists them all; its merged weight is computed once
-    for name, layer in _lora_layers(model, remove_duplicate=False):
+    for name, layer in lora_layers(model, adapted_only=True, remove_duplicate=False):
         prefix = f"{name}." if name else ""
-        if not layer.has_lora:
-            continue
         if id(layer) not in merged_weights:
             merged_weights[id(layer)] = layer.merged_weight_tensor()
         for key in [k for k in state if k.startswith(prefix + "weight.")]:

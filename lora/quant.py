@@ -1,14 +1,14 @@
-"""4-bit base weights (QLoRA): bitsandbytes' NF4/FP4 ``Params4bit``, recognised and dequantized here.
+"""4-bit base weights (QLoRA): bitsandbytes' NF4/FP4 `Params4bit`, recognised and dequantized here.
 
-A quantized projection is bitsandbytes' own ``bnb.nn.Linear4bit``: its ``weight`` is a ``Params4bit``, a
-uint8 tensor of shape ``(out * in / 2, 1)`` (two 4-bit codes a byte) with a ``quant_state`` holding the
-per-block scales (``absmax``, one per block of 64 weights, themselves quantized to 8 bits with
-``double_quant``), the code book, the logical ``(out, in)`` shape and the dtype it was quantized from. Using
-bitsandbytes' classes rather than our own keeps its kernels, its ``.to("cuda")`` semantics and
-transformers' serialisation (``weight.absmax``, ``weight.quant_map``, ... keys; ``quantization_config``).
+A quantized projection is bitsandbytes' own `bnb.nn.Linear4bit`: its `weight` is a `Params4bit`, a
+uint8 tensor of shape `(out * in / 2, 1)` (two 4-bit codes a byte) with a `quant_state` holding the
+per-block scales (`absmax`, one per block of 64 weights, themselves quantized to 8 bits with
+`double_quant`), the code book, the logical `(out, in)` shape and the dtype it was quantized from. Using
+bitsandbytes' classes rather than our own keeps its kernels, its `.to("cuda")` semantics and
+transformers' serialisation (`weight.absmax`, `weight.quant_map`, ... keys; `quantization_config`).
 
-bitsandbytes is optional (``pip install "purelora[qlora]"``) and imported only when a weight is quantized
-or a quantization is asked for: the rest of ``lora`` never needs it.
+bitsandbytes is optional (`pip install "purelora[qlora]"`) and imported only when a weight is quantized
+or a quantization is asked for: the rest of `lora` never needs it.
 
 >>> packed = quantize_weight(torch.randn(64, 32), quant_type="nf4")  # doctest: +SKIP
 >>> dequantize(packed).shape                                          # doctest: +SKIP
@@ -54,12 +54,12 @@ EXTRA = 'pip install "purelora[qlora]" (or pip install bitsandbytes)'
 
 
 class QuantizedMergeError(RuntimeError):
-    """An in-model merge was asked of a layer whose base weight is 4-bit: ``W + delta`` has no 4-bit form that
-    equals it, and rounding it back to 4 bits would change the model; use ``lora.phi3.merge_and_save``."""
+    """An in-model merge was asked of a layer whose base weight is 4-bit: `W + delta` has no 4-bit form that
+    equals it, and rounding it back to 4 bits would change the model; use `lora.phi3.merge_and_save`."""
 
 
 def require_bitsandbytes() -> ModuleType:
-    """``bitsandbytes``, imported now; an ``ImportError`` naming the ``qlora`` extra when it is missing."""
+    """`bitsandbytes`, imported now; an `ImportError` naming the `qlora` extra when it is missing."""
     try:
         import bitsandbytes
     except ImportError as err:
@@ -68,7 +68,7 @@ def require_bitsandbytes() -> ModuleType:
 
 
 def is_quantized(weight: Any) -> bool:
-    """Whether ``weight`` is a packed 4-bit bitsandbytes weight (a tensor with a ``quant_state``).
+    """Whether `weight` is a packed 4-bit bitsandbytes weight (a tensor with a `quant_state`).
 
     Cheap for ordinary weights: a floating-point tensor is answered by its dtype alone.
     """
@@ -77,7 +77,7 @@ def is_quantized(weight: Any) -> bool:
 
 
 def quant_state_of(weight: torch.Tensor) -> Any:
-    """The bitsandbytes ``QuantState`` of a packed weight; a ``TypeError`` for anything else."""
+    """The bitsandbytes `QuantState` of a packed weight; a `TypeError` for anything else."""
     state = getattr(weight, "quant_state", None)
     if state is None:
         raise TypeError(f"expected a bitsandbytes 4-bit weight (Params4bit with a quant_state); got a "
@@ -106,9 +106,9 @@ def _unpacked_for_cpu(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any
 
 
 def dequantize(weight: torch.Tensor, state: Any = None) -> torch.Tensor:
-    """The (out, in) weight a packed 4-bit one stands for, in its ``logical_dtype``: a new tensor each call.
+    """The (out, in) weight a packed 4-bit one stands for, in its `logical_dtype`: a new tensor each call.
 
-    ``state`` defaults to ``weight.quant_state`` (pass it where ``weight`` is the packed data alone, as
+    `state` defaults to `weight.quant_state` (pass it where `weight` is the packed data alone, as
     autograd hands saved tensors back). Costs one pass over the weight (bitsandbytes' kernel).
     """
     bnb = require_bitsandbytes()
@@ -124,8 +124,8 @@ def dequantize(weight: torch.Tensor, state: Any = None) -> torch.Tensor:
 
 
 def quant_state_entries(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors bitsandbytes (and transformers) save beside a packed weight, by name under ``weight.``:
-    ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``, ``quant_state.bitsandbytes__nf4``
+    """The tensors bitsandbytes (and transformers) save beside a packed weight, by name under `weight.`:
+    `absmax`, `quant_map`, `nested_absmax`, `nested_quant_map`, `quant_state.bitsandbytes__nf4`
     (the last one a JSON blob of the shape, dtype, block size and type, as uint8)."""
     state = quant_state_of(weight)
     if getattr(state, "packing_format_for_cpu", False):  # back to the standard layout, as bnb's Linear4bit does
@@ -135,14 +135,14 @@ def quant_state_entries(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def quant_state_from_entries(entries: dict[str, torch.Tensor], device: torch.device | str) -> Any:
-    """A bitsandbytes ``QuantState`` rebuilt from ``quant_state_entries``' tensors (keys without ``weight.``)."""
+    """A bitsandbytes `QuantState` rebuilt from `quant_state_entries`' tensors (keys without `weight.`)."""
     bnb = require_bitsandbytes()
     return bnb.functional.QuantState.from_dict(qs_dict=dict(entries), device=torch.device(device))
 
 
 def check_quantizable(name: str, shape: tuple[int, ...], quant_type: Any, *, blocksize: int = BLOCKSIZE) -> None:
-    """Raise ``ValueError`` unless ``quant_type`` is known and ``blocksize`` divides each row of the (out, in)
-    weight ``name``: bitsandbytes' CPU kernel (the AVX512-BF16 layout its ``Linear4bit`` switches to in
+    """Raise `ValueError` unless `quant_type` is known and `blocksize` divides each row of the (out, in)
+    weight `name`: bitsandbytes' CPU kernel (the AVX512-BF16 layout its `Linear4bit` switches to in
     inference) reads every row as whole blocks, and a block spanning two rows would mix their scales."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quantize={quant_type!r} is not a 4-bit type; expected one of {', '.join(QUANT_TYPES)} "
@@ -155,11 +155,11 @@ def check_quantizable(name: str, shape: tuple[int, ...], quant_type: Any, *, blo
 def quantize_weight(
     weight: torch.Tensor, *, quant_type: QuantType = "nf4", double_quant: bool = True, blocksize: int = BLOCKSIZE
 ) -> nn.Parameter:
-    """A frozen bitsandbytes ``Params4bit`` holding ``weight`` (out, in) in 4 bits, on ``weight``'s device.
+    """A frozen bitsandbytes `Params4bit` holding `weight` (out, in) in 4 bits, on `weight`'s device.
 
-    ``double_quant`` quantizes the per-block scales too (bitsandbytes' ``compress_statistics``): 8 bits per block
+    `double_quant` quantizes the per-block scales too (bitsandbytes' `compress_statistics`): 8 bits per block
     of 64 plus a float32 per 256 blocks, 0.127 bits per weight, instead of a float32 per block, 0.5 bits. The
-    packed weight dequantizes to ``weight``'s dtype. The bits are those of one bitsandbytes ``quantize_4bit``
+    packed weight dequantizes to `weight`'s dtype. The bits are those of one bitsandbytes `quantize_4bit`
     call, computed QUANT_CHUNK weights at a time: its CPU kernel's temporaries are several times its input (a
     probe: 0.71 GB for Phi-3-mini's 100 MB gate_up_proj), and a chunk of whole rows holds whole blocks.
     """
@@ -192,9 +192,9 @@ def quantize_weight(
 def linear4bit(
     weight: nn.Parameter, bias: torch.Tensor | None, *, compute_dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """bitsandbytes' ``Linear4bit`` around a packed ``weight`` (from ``quantize_weight`` or a saved checkpoint).
+    """bitsandbytes' `Linear4bit` around a packed `weight` (from `quantize_weight` or a saved checkpoint).
 
-    ``compute_dtype`` (transformers' ``bnb_4bit_compute_dtype``) defaults to the dtype the weight dequantizes to.
+    `compute_dtype` (transformers' `bnb_4bit_compute_dtype`) defaults to the dtype the weight dequantizes to.
     """
     bnb = require_bitsandbytes()
     state = quant_state_of(weight)

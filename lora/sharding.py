@@ -1,14 +1,14 @@
-"""Adapters of a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``), whose parameters are DTensors.
+"""Adapters of a model sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`), whose parameters are DTensors.
 
 Each rank holds a slice of every sharded tensor, so nothing here ever treats a shard as the whole tensor:
 
-- reading (``lora_state_dict``, ``save_adapter``, ``save_peft_adapter``) gathers full tensors, a collective:
+- reading (`lora_state_dict`, `save_adapter`, `save_peft_adapter`) gathers full tensors, a collective:
   call it on every rank, in the same order;
-- writing a file happens on rank 0 only (``writes_files``); the other ranks take part in the gathers;
-- loading a full tensor into a sharded parameter copies each rank its own slice (``shard_like``).
+- writing a file happens on rank 0 only (`writes_files`); the other ranks take part in the gathers;
+- loading a full tensor into a sharded parameter copies each rank its own slice (`shard_like`).
 
 On an unsharded model every function is the identity (or True), and nothing communicates.
-``torch.distributed.tensor`` takes 0.4 s to import, so it is only looked up: a DTensor exists only once
+`torch.distributed.tensor` takes 0.4 s to import, so it is only looked up: a DTensor exists only once
 something (FSDP2) has imported it.
 """
 

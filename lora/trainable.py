@@ -1,12 +1,12 @@
 """Which parameters train, and which go into a LoRA checkpoint.
 
-LoRA parameters are found by module type (the ``lora_A``/``lora_B``, and DoRA's ``lora_magnitude``, of each
-``LoRALayer`` with ``r > 0``), not by the substring ``'lora_'`` in a name, so a user's ``explorer_lora_gate`` stays
+LoRA parameters are found by module type (the `lora_A`/`lora_B`, and DoRA's `lora_magnitude`, of each
+`LoRALayer` with `r > 0`), not by the substring `'lora_'` in a name, so a user's `explorer_lora_gate` stays
 frozen. The two functions agree on the biases of each mode:
 
-- ``'none'``: no bias;
-- ``'all'``: every parameter named ``bias``, in any module;
-- ``'lora_only'``: the ``bias`` of each LoRA layer with ``r > 0`` (conv layers included).
+- `'none'`: no bias;
+- `'all'`: every parameter named `bias`, in any module;
+- `'lora_only'`: the `bias` of each LoRA layer with `r > 0` (conv layers included).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 
 def lora_parameter_names(model: nn.Module, bias: BiasMode = "none") -> list[str]:
-    """The names (as in ``model.named_parameters()``) that a LoRA checkpoint holds for ``bias``."""
+    """The names (as in `model.named_parameters()`) that a LoRA checkpoint holds for `bias`."""
     if bias not in _BIAS_MODES:
         raise ValueError(f"bias must be one of {_BIAS_MODES}; got {bias!r}")
     names = []
@@ -42,10 +42,10 @@ def lora_parameter_names(model: nn.Module, bias: BiasMode = "none") -> list[str]
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: BiasMode = "none") -> None:
-    """Freeze every parameter except the adapters (and the biases that ``bias`` selects).
+    """Freeze every parameter except the adapters (and the biases that `bias` selects).
 
-    Also makes ``model.load_state_dict`` check every LoRA shape before loading anything
-    (``lora.check_lora_shapes_on_load``), so a mismatched checkpoint changes nothing.
+    Also makes `model.load_state_dict` check every LoRA shape before loading anything
+    (`lora.check_lora_shapes_on_load`), so a mismatched checkpoint changes nothing.
     """
     trainable = set(lora_parameter_names(model, bias))
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -54,10 +54,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: BiasMode = "none") -> No
 
 
 def lora_state_dict(model: nn.Module, bias: BiasMode = "none", *, full: bool = True) -> dict[str, torch.Tensor]:
-    """The adapters (and the biases that ``bias`` selects) from ``model.state_dict()``.
+    """The adapters (and the biases that `bias` selects) from `model.state_dict()`.
 
     On a model sharded with FSDP2 each tensor is gathered whole (a collective: call it on every rank);
-    ``full=False`` returns the DTensors as they are, without communication.
+    `full=False` returns the DTensors as they are, without communication.
 
     >>> torch.save(lora.lora_state_dict(model), "adapter.pt")  # doctest: +SKIP
     >>> model.load_state_dict(torch.load("adapter.pt", weights_only=True), strict=False)  # doctest: +SKIP

@@ -68,7 +68,7 @@ def linear_reference(layer, x, p, dtype):
             mask.view(-1)[dropout_positions(SEED, x.numel(), p, x.device)] = True
             xd = x.masked_fill(mask, 0) / (1 - p)
         r, row, parts = layer.r, 0, []
-        for j, (offset, size) in enumerate(layer._slices()):
+        for j, (offset, size) in enumerate((s.offset, s.size) for s in layer.lora_slices):
             out = F.linear(F.linear(xd, layer.lora_A[j * r : (j + 1) * r]), layer.lora_B[row : row + size])
             parts.append(F.pad(out, (offset, y.shape[-1] - offset - size)))
             row += size

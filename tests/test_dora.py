@@ -29,7 +29,7 @@ def lora_delta(layer):
     W = layer.weight.t() if layer.fan_in_fan_out else layer.weight
     delta = torch.zeros(W.shape, dtype=layer.lora_A.dtype)
     r, row = layer.r, 0
-    for j, (offset, size) in enumerate(layer._slices()):
+    for j, (offset, size) in enumerate((s.offset, s.size) for s in layer.lora_slices):
         delta[offset : offset + size] = layer.lora_B[row : row + size] @ layer.lora_A[j * r : (j + 1) * r]
         row += size
     return delta * layer.scaling
@@ -39,7 +39,7 @@ def explicit(layer, x, x_drop):
     """PEFT's formula written out with the full W + s B A: W x + b + (c - 1) W drop(x) + c s B A drop(x)."""
     W = layer.weight.t() if layer.fan_in_fan_out else layer.weight
     delta = lora_delta(layer).to(W.dtype)
-    rows = [i for offset, size in layer._slices() for i in range(offset, offset + size)]
+    rows = [i for offset, size in ((s.offset, s.size) for s in layer.lora_slices) for i in range(offset, offset + size)]
     norm = torch.linalg.norm(W + delta, dim=1).detach()
     c = torch.ones(W.shape[0], dtype=W.dtype)
     c = c.index_put((torch.tensor(rows),), layer.lora_magnitude / norm[rows])

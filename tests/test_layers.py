@@ -820,3 +820,23 @@ def test_numpy_bools_are_bools():
     np = pytest.importorskip("numpy")
     layer = lora.Linear(4, 4, r=2, use_rslora=np.bool_(True))
     assert layer.use_rslora is True
+
+
+def test_lora_scaling_is_the_one_rule_and_lora_alpha_for_inverts_it():
+    from lora.layers import lora_alpha_for
+
+    assert lora.lora_scaling(32, 16) == 2.0
+    assert lora.lora_scaling(32, 16, use_rslora=True) == 8.0
+    for r, rslora in ((12, True), (12, False), (7, True)):
+        layer = lora.Linear(4, 4, r=r, lora_alpha=5, use_rslora=rslora)
+        assert layer.scaling == lora.lora_scaling(5, r, use_rslora=rslora)
+        assert lora_alpha_for(layer.scaling, r, use_rslora=rslora) == pytest.approx(5, rel=1e-15)
+
+
+def test_lora_layers_names_every_lora_layer_or_only_the_adapted_ones():
+    shared = lora.Linear(4, 4, r=2)
+    model = nn.Sequential(shared, nn.ReLU(), lora.Linear(4, 4), shared, lora.Embedding(5, 4, r=1))
+    assert [name for name, _ in lora.lora_layers(model)] == ["0", "2", "4"]
+    assert [name for name, _ in lora.lora_layers(model, adapted_only=True)] == ["0", "4"]
+    assert [name for name, _ in lora.lora_layers(model, adapted_only=True, remove_duplicate=False)] == ["0", "3", "4"]
+    assert [name for name, _ in lora.lora_layers(model, prefix="m")][0] == "m.0"

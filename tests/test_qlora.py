@@ -86,7 +86,7 @@ def test_forward_and_gradients_equal_the_dequantized_weights(kind, dtype, p, qua
         A, B = layer.lora_A.double().detach().requires_grad_(), layer.lora_B.double().detach().requires_grad_()
         expected = F.linear(x3, W, layer.bias.double())
         r, row, delta = 4, 0, torch.zeros_like(expected)
-        for j, (offset, size) in enumerate(layer._slices()):
+        for j, (offset, size) in enumerate((s.offset, s.size) for s in layer.lora_slices):
             piece = x3 @ A[j * r : (j + 1) * r].t() @ B[row : row + size].t() * layer.scaling
             delta = delta + F.pad(piece, (offset, layer.out_features - offset - size))
             row += size

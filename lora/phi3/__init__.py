@@ -11,7 +11,7 @@ from lora.phi3.config import Phi3Config
 from lora.phi3.data import collate, encode_conversations, pack_examples, read_conversations
 from lora.phi3.generation import default_stop_token_ids, generate
 from lora.phi3.loss import chunked_cross_entropy
-from lora.phi3.merge import MergeVerificationError, merge_and_save
+from lora.phi3.merged_checkpoint import MergeVerificationError, merge_and_save
 from lora.phi3.model import KVCache, Phi3ForCausalLM, Phi3Model
 from lora.phi3.patch import DEFAULT_TARGETS, PatchSummary, patch
 from lora.phi3.peft_format import load_peft_adapter, save_peft_adapter

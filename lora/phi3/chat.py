@@ -15,12 +15,12 @@ each `<|assistant|>` up to and including its `<|end|>`, so the model learns the 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora.phi3.config import read_json
 from lora.phi3.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 __all__ = [
@@ -103,10 +103,7 @@ def template_from_checkpoint(directory: str | Path) -> ChatTemplate:
     config_path = root / "tokenizer_config.json"
     if not config_path.is_file():
         return PHI3
-    try:
-        config: dict[str, Any] = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    config: dict[str, Any] = read_json(config_path)
     source = config.get("chat_template")
     if isinstance(source, list):  # [{"name": "default", "template": "..."}, ...]
         source = next((t.get("template") for t in source if t.get("name") == "default"), None)

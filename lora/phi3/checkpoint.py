@@ -9,11 +9,11 @@ parameters are zero-copy views of the memory-mapped files (private mappings: wri
 never touches the file), so peak memory is the weights' size and pages are read on first use. Otherwise
 each tensor is read into its own buffer, converted or moved, and the buffer freed.
 
-QLoRA: ``from_pretrained(path, quantize="nf4")`` (or ``"fp4"``) quantizes the four projections of every layer
+QLoRA: `from_pretrained(path, quantize="nf4")` (or `"fp4"`) quantizes the four projections of every layer
 to 4 bits as they are read, one tensor at a time (read, cast, quantize, free), so the bf16 model is never held;
-they become bitsandbytes' own ``Linear4bit`` modules (``lora.quant``). Embeddings, norms and ``lm_head`` stay in
-``dtype``. ``save_pretrained`` of such a model writes transformers' bitsandbytes serialisation (packed weights,
-their quant states, ``quantization_config`` in config.json), which the next ``from_pretrained`` (ours or
+they become bitsandbytes' own `Linear4bit` modules (`lora.quant`). Embeddings, norms and `lm_head` stay in
+`dtype`. `save_pretrained` of such a model writes transformers' bitsandbytes serialisation (packed weights,
+their quant states, `quantization_config` in config.json), which the next `from_pretrained` (ours or
 transformers') loads as it is, without quantizing again.
 """
 
@@ -35,11 +35,14 @@ from safetensors.torch import save_file
 from lora import quant
 from lora.atomic import atomic_directory
 from lora.layers import check_flags
-from lora.phi3.config import Phi3Config
+from lora.phi3.config import Phi3Config, read_json
 from lora.phi3.model import Phi3ForCausalLM
 from lora.sharding import is_sharded
 
-__all__ = ["CheckpointPlan", "from_pretrained", "plan_checkpoint", "save_pretrained"]
+__all__ = [
+    "CheckpointPlan", "from_pretrained", "parse_size", "plan_checkpoint", "plan_shards", "save_pretrained",
+    "write_shard_index",
+]
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -66,19 +69,11 @@ def _open(path: Path, backend: str = "mmap") -> Any:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
-def _read_json(path: Path) -> Any:
-    """`json.loads` of a file; a malformed one is a ValueError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-
-
 def _weight_files(root: Path) -> dict[str, Path]:
     """Map each tensor name to its file, from the index when there is one; errors name the missing file."""
     index = root / INDEX_NAME
     if index.is_file():
-        data = _read_json(index)
+        data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
@@ -116,7 +111,7 @@ def _check_tensors(model: Phi3ForCausalLM, headers: dict[str, tuple[list[int], s
                    quant_type: str | None = None) -> None:
     """Raise unless the checkpoint holds exactly the model's tensors, with the config's shapes.
 
-    With ``quant_type`` (a 4-bit checkpoint) each projection weight is packed uint8 of (out * in / 2, 1)
+    With `quant_type` (a 4-bit checkpoint) each projection weight is packed uint8 of (out * in / 2, 1)
     with its quant-state tensors beside it.
     """
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -160,7 +155,7 @@ def _check_tensors(model: Phi3ForCausalLM, headers: dict[str, tuple[list[int], s
 
 
 def _saved_quantization(config: Phi3Config, root: Path) -> dict[str, Any] | None:
-    """config.json's bitsandbytes 4-bit ``quantization_config`` (transformers' keys), checked; None without one."""
+    """config.json's bitsandbytes 4-bit `quantization_config` (transformers' keys), checked; None without one."""
     saved = config.extra.get("quantization_config")
     if saved is None:
         return None
@@ -174,8 +169,8 @@ def _saved_quantization(config: Phi3Config, root: Path) -> dict[str, Any] | None
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict[str, Any]:
-    """transformers' ``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` for these settings, as config.json
-    holds it (so transformers' ``from_pretrained`` loads the directory as a prequantized 4-bit model)."""
+    """transformers' `BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()` for these settings, as config.json
+    holds it (so transformers' `from_pretrained` loads the directory as a prequantized 4-bit model)."""
     return {
         "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype],
         "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
@@ -231,15 +226,15 @@ def plan_checkpoint(
 ) -> CheckpointPlan:
     """Check a Phi-3 checkpoint directory and build its model on the meta device; read no tensor data.
 
-    A 4-bit directory (``quantization_config`` in config.json) is refused unless ``allow_quantized``: its packed
-    weights cannot be read as rows of ``dtype`` (what ``lora.phi3.fsdp`` does with a plan).
+    A 4-bit directory (`quantization_config` in config.json) is refused unless `allow_quantized`: its packed
+    weights cannot be read as rows of `dtype` (what `lora.phi3.fsdp` does with a plan).
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
     config = Phi3Config.from_json(root / CONFIG_NAME)
     generation_path = root / GENERATION_CONFIG_NAME
-    generation = _read_json(generation_path) if generation_path.is_file() else {}
+    generation = read_json(generation_path) if generation_path.is_file() else {}
     if not isinstance(generation, dict):
         raise ValueError(f"{generation_path}: expected a JSON object")
     files = _weight_files(root)
@@ -327,7 +322,7 @@ def from_pretrained(
 
 
 def _return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere).
 
     glibc serves allocations below its mmap threshold from the heap, and the threshold grows to 32 MB as large
     buffers are freed: the bf16 buffers a 4-bit load reads and frees one by one then stay resident between the
@@ -355,8 +350,8 @@ def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> N
 
 
 def _load_prequantized(model: Phi3ForCausalLM, plan: CheckpointPlan, device: torch.device) -> None:
-    """Fill ``model`` from a 4-bit checkpoint: each packed projection with its quant state becomes a ``Linear4bit``
-    (bitsandbytes' ``Params4bit.from_prequantized``), everything else a Parameter in ``plan.dtype``."""
+    """Fill `model` from a 4-bit checkpoint: each packed projection with its quant state becomes a `Linear4bit`
+    (bitsandbytes' `Params4bit.from_prequantized`), everything else a Parameter in `plan.dtype`."""
     bnb = quant.require_bitsandbytes()
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}
@@ -386,7 +381,7 @@ def _load_prequantized(model: Phi3ForCausalLM, plan: CheckpointPlan, device: tor
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     """Bytes in `size`: an int, or a string such as "5GB" (10^9) or "2GiB" (2^30)."""
     if isinstance(size, int):
         value = size
@@ -400,18 +395,32 @@ def _parse_size(size: int | str) -> int:
     return value
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split in order into groups of at most `max_bytes` (a larger tensor gets a shard of its own)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def plan_shards(sizes: dict[str, int], max_shard_size: int | str) -> dict[str, list[str]]:
+    """The checkpoint's files and the tensors each holds: `sizes` (name: bytes) split in order into files of at
+    most `max_shard_size` bytes (a larger tensor gets a file of its own), named `model.safetensors` when one
+    file holds everything, else `model-0000i-of-0000n.safetensors`.
+
+    Example: `plan_shards({"a": 6, "b": 6}, 10) == {"model-00001-of-00002.safetensors": ["a"], ...}`.
+    """
+    max_bytes = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         size += nbytes
-    return shards
+    if len(shards) == 1:
+        return {SINGLE_FILE_NAME: shards[0]}
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": names for i, names in enumerate(shards)}
+
+
+def write_shard_index(directory: Path, files: dict[str, list[str]], sizes: dict[str, int]) -> None:
+    """Write `model.safetensors.index.json` for the files of `plan_shards` (nothing for a single file)."""
+    if len(files) > 1:
+        weight_map = {name: file for file, names in files.items() for name in names}
+        _write_json(directory / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -432,7 +441,7 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
     if is_sharded(model):
         raise ValueError("save_pretrained needs the whole model in one process, not one sharded with FSDP2 (save "
                          "the adapter with lora.save_adapter, on every rank; the base is the checkpoint it came from)")
-    max_bytes = _parse_size(max_shard_size)
+    parse_size(max_shard_size)  # a bad size is refused before anything else
     tensors = {
         name: tensor.detach()
         for name, tensor in model.state_dict().items()
@@ -453,22 +462,16 @@ def save_pretrained(model: Phi3ForCausalLM, path: str | os.PathLike[str], *, max
     generation = model.generation_config or {
         k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
     }
-    shards = _shards(tensors, max_bytes)
-    if len(shards) == 1:
-        names = [SINGLE_FILE_NAME]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in tensors.items()}
+    files = plan_shards(sizes, max_shard_size)
 
     # The files of an earlier save are replaced as a whole; anything else there (a tokenizer) is carried over.
     ours = {INDEX_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME}
     with atomic_directory(root, carry=lambda name: name not in ours and not _WEIGHT_FILE.fullmatch(name)) as tmp:
-        for name, shard in zip(names, shards, strict=True):
+        for file, names in files.items():
             # One shard at a time on the host: a GPU model never needs a full CPU copy.
-            host = {k: t.contiguous().cpu() for k, t in shard.items()}
-            save_file(host, tmp / name, metadata={"format": "pt"})
-        if len(shards) > 1:
-            weight_map = {t: name for name, shard in zip(names, shards, strict=True) for t in shard}
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            host = {name: tensors[name].contiguous().cpu() for name in names}
+            save_file(host, tmp / file, metadata={"format": "pt"})
+        write_shard_index(tmp, files, sizes)
         _write_json(tmp / CONFIG_NAME, config)
         _write_json(tmp / GENERATION_CONFIG_NAME, generation)

@@ -13,6 +13,7 @@ as `rope_type="longrope"`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -20,10 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Phi3Config"]
+__all__ = ["Phi3Config", "architecture", "read_json"]
 
 # Names under which Phi-3 configs spell LongRoPE: "su" (April 2024 Hub files), "yarn" (older remote code).
 _LONGROPE_NAMES = ("su", "longrope", "yarn")
+
+
+def read_json(path: Path) -> Any:
+    """`json.loads` of a checkpoint's JSON file; a malformed one is a ValueError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
 @dataclass
@@ -99,10 +108,7 @@ class Phi3Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found; expected a Hugging Face checkpoint directory")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        data = read_json(path)
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:
@@ -259,3 +265,17 @@ class Phi3Config:
                     raise ValueError(
                         f"LongRoPE {name} must be a list of rotary_dim/2 = {self.rotary_dim // 2} numbers, got {got}"
                     )
+
+
+def architecture(config: Phi3Config | Any) -> dict[str, Any]:
+    """The fields of a Phi-3 config as `Phi3Config` normalises them (one RoPE spelling, `head_dim` and
+    `num_key_value_heads` filled in): the `architecture` an adapter fingerprint compares (`lora.save_adapter`).
+
+    `config`: ours, transformers' `Phi3Config` or a parsed `config.json`.
+    Example: `lora.save_adapter(hf_model, path, architecture=architecture(hf_model.config))`.
+    """
+    if not isinstance(config, Phi3Config):
+        config = Phi3Config.from_dict(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    fields = dataclasses.asdict(config)
+    del fields["extra"]
+    return fields

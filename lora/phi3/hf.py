@@ -1,27 +1,27 @@
-"""Our LoRA layers inside transformers' ``Trainer`` and TRL's ``SFTTrainer``: adapter-only checkpoints.
+"""Our LoRA layers inside transformers' `Trainer` and TRL's `SFTTrainer`: adapter-only checkpoints.
 
-Patch transformers' ``Phi3ForCausalLM`` with ``lora.phi3.patch`` and train it with ``LoRATrainer`` (or
-``LoRASFTTrainer``, which needs TRL) instead of ``Trainer``: everything else is the trainer's own. Every
-``checkpoint-N``, and the final ``save_model()``, then holds the adapters only, never the frozen base:
+Patch transformers' `Phi3ForCausalLM` with `lora.phi3.patch` and train it with `LoRATrainer` (or
+`LoRASFTTrainer`, which needs TRL) instead of `Trainer`: everything else is the trainer's own. Every
+`checkpoint-N`, and the final `save_model()`, then holds the adapters only, never the frozen base:
 
-- ``adapter.safetensors``: our adapter file (``lora.load_adapter`` reads it, checking shapes, ranks and the
-  base model's fingerprint); ``trainer.train(resume_from_checkpoint=...)`` resumes from it;
-- ``adapter_config.json`` + ``adapter_model.safetensors``: PEFT's format, so the directory itself loads
-  with ``peft.PeftModel.from_pretrained(base, path)`` and serves with vLLM;
+- `adapter.safetensors`: our adapter file (`lora.load_adapter` reads it, checking shapes, ranks and the
+  base model's fingerprint); `trainer.train(resume_from_checkpoint=...)` resumes from it;
+- `adapter_config.json` + `adapter_model.safetensors`: PEFT's format, so the directory itself loads
+  with `peft.PeftModel.from_pretrained(base, path)` and serves with vLLM;
 - the trainer's own files (optimizer, scheduler, RNG and trainer state, training arguments, tokenizer).
 
 >>> model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # doctest: +SKIP
 >>> patch(model, r=16, lora_alpha=32, lora_dropout=0.05)                                  # doctest: +SKIP
 >>> LoRASFTTrainer(model=model, args=SFTConfig(bf16=True), train_dataset=data).train()     # doctest: +SKIP
 
-A ``TrainerCallback`` cannot do this: its ``on_save`` runs after the trainer has written the full
-``model.safetensors``, and resuming reads that file. So the trainers here override the three methods that
-write and read model weights (``_save``, ``_load_from_checkpoint``, ``_load_best_model``); transformers 5.24
+A `TrainerCallback` cannot do this: its `on_save` runs after the trainer has written the full
+`model.safetensors`, and resuming reads that file. So the trainers here override the three methods that
+write and read model weights (`_save`, `_load_from_checkpoint`, `_load_best_model`); transformers 5.24
 and TRL 1.x call nothing else for it.
 
-``TrainerModel`` puts our own ``lora.phi3.Phi3ForCausalLM`` under these trainers (see docs/hf-trainer.md).
+`TrainerModel` puts our own `lora.phi3.Phi3ForCausalLM` under these trainers (see docs/hf-trainer.md).
 
-This module imports transformers (TRL only for ``LoRASFTTrainer``): ``pip install "purelora[hf]"``.
+This module imports transformers (TRL only for `LoRASFTTrainer`): `pip install "purelora[hf]"`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from lora.adapter import load_adapter, save_adapter
-from lora.layers import LoRALayer
+from lora.layers import lora_layers
+from lora.phi3.config import architecture
 from lora.phi3.model import Phi3ForCausalLM
 from lora.phi3.peft_format import save_peft_adapter
 
@@ -51,27 +52,27 @@ def _adapted_model(model: nn.Module) -> nn.Module:
 
 
 def _has_trainable_adapters(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALayer) and m.has_lora and m.lora_A.requires_grad for m in model.modules())
+    return any(layer.lora_A.requires_grad for _, layer in lora_layers(model, adapted_only=True))
 
 
 def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write ``model``'s adapters into the directory ``path`` in both formats (our file, PEFT's pair).
+    """Write `model`'s adapters into the directory `path` in both formats (our file, PEFT's pair).
 
-    The PEFT pair replaces its old version as a whole, keeping every other entry of ``path``; our file is
+    The PEFT pair replaces its old version as a whole, keeping every other entry of `path`; our file is
     written after it, atomically too. A crash in between leaves a consistent PEFT pair and the previous
-    ``adapter.safetensors`` (or none); resuming then refuses the checkpoint by name.
+    `adapter.safetensors` (or none); resuming then refuses the checkpoint by name.
     """
     model = _adapted_model(model)
     path = Path(path)
     save_peft_adapter(model, path)
-    save_adapter(model, path / ADAPTER_NAME)
+    save_adapter(model, path / ADAPTER_NAME, architecture=architecture(model.config))
 
 
 class LoRATrainerMixin:
-    """Put before a ``transformers.Trainer`` subclass: its checkpoints and final save hold adapters only.
+    """Put before a `transformers.Trainer` subclass: its checkpoints and final save hold adapters only.
 
-    QLoRA: transformers' 4-bit model (``BitsAndBytesConfig(load_in_4bit=True)``) patched with ``lora.phi3.patch``
-    trains too. ``Trainer.__init__`` refuses a quantized model without PEFT adapters ("purely quantized"); ours are
+    QLoRA: transformers' 4-bit model (`BitsAndBytesConfig(load_in_4bit=True)`) patched with `lora.phi3.patch`
+    trains too. `Trainer.__init__` refuses a quantized model without PEFT adapters ("purely quantized"); ours are
     trainable adapters as PEFT's would be, so for that check only the model is marked as carrying adapters.
     """
 
@@ -104,22 +105,23 @@ class LoRATrainerMixin:
                 f"{adapter}: no adapter file in the checkpoint {resume_from_checkpoint} (a {type(self).__name__} "
                 "checkpoint holds one; a checkpoint of a plain Trainer holds the whole model instead)"
             )
-        load_adapter(_adapted_model(model if model is not None else self.model), adapter)
+        model = _adapted_model(model if model is not None else self.model)
+        load_adapter(model, adapter, architecture=architecture(model.config))
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
 class LoRATrainer(LoRATrainerMixin, transformers.Trainer):
-    """``transformers.Trainer`` whose checkpoints and ``save_model()`` hold only the adapters."""
+    """`transformers.Trainer` whose checkpoints and `save_model()` hold only the adapters."""
 
 
 class TrainerModel(nn.Module):
-    """Our ``Phi3ForCausalLM`` with the forward a ``Trainer`` calls: ``(input_ids, attention_mask, labels)`` in,
-    an object with ``.loss`` and ``.logits`` out.
+    """Our `Phi3ForCausalLM` with the forward a `Trainer` calls: `(input_ids, attention_mask, labels)` in,
+    an object with `.loss` and `.logits` out.
 
     In training the loss is our chunked one, which never builds the (B, T, vocab) float32 logits, and
-    ``.logits`` is None (a training step reads only the loss); in eval mode both are computed. Rows packed
+    `.logits` is None (a training step reads only the loss); in eval mode both are computed. Rows packed
     without an attention mask (position ids restarting at 0, as TRL's padding-free packing gives them) attend
     within their own document only.
 
@@ -154,8 +156,8 @@ class TrainerModel(nn.Module):
         self, activation_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
         offload: bool = False,
     ) -> None:
-        """What ``TrainingArguments(activation_checkpointing=True)`` calls: recompute every decoder layer in
-        backward (our model's non-reentrant ``torch.utils.checkpoint``; no other variant is offered)."""
+        """What `TrainingArguments(activation_checkpointing=True)` calls: recompute every decoder layer in
+        backward (our model's non-reentrant `torch.utils.checkpoint`; no other variant is offered)."""
         kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.pop("use_reentrant", False) or kwargs or every_n_layers != 1 or offload:
             raise ValueError(
@@ -175,7 +177,7 @@ def __getattr__(name: str) -> Any:
         from trl import SFTTrainer
 
         trainer = type("LoRASFTTrainer", (LoRATrainerMixin, SFTTrainer), {
-            "__doc__": "TRL's ``SFTTrainer`` whose checkpoints and ``save_model()`` hold only the adapters.",
+            "__doc__": "TRL's `SFTTrainer` whose checkpoints and `save_model()` hold only the adapters.",
             "__module__": __name__,
         })
         globals()[name] = trainer

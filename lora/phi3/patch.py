@@ -1,11 +1,11 @@
 """Swap a Phi-3 model's projections for LoRA layers, in place, without copying a weight.
 
-Phi-3 fuses q, k and v into one ``qkv_proj`` and gate and up into one ``gate_up_proj``. A target names
-either a whole module (one ``lora.Linear`` over the fused weight: PEFT's layout and maths) or a
-sub-projection (``q``, ``k``, ``v``, ``gate``, ``up``, also spelled ``q_proj`` ... ``up_proj`` as in Llama
-recipes), which makes a ``lora.MergedLinear`` with one rank-r adapter per named slice: what PEFT cannot
-express. It works on ``lora.phi3.Phi3ForCausalLM`` and on transformers' ``Phi3ForCausalLM`` alike (same
-module names; head counts come from ``model.config``).
+Phi-3 fuses q, k and v into one `qkv_proj` and gate and up into one `gate_up_proj`. A target names
+either a whole module (one `lora.Linear` over the fused weight: PEFT's layout and maths) or a
+sub-projection (`q`, `k`, `v`, `gate`, `up`, also spelled `q_proj` ... `up_proj` as in Llama
+recipes), which makes a `lora.MergedLinear` with one rank-r adapter per named slice: what PEFT cannot
+express. It works on `lora.phi3.Phi3ForCausalLM` and on transformers' `Phi3ForCausalLM` alike (same
+module names; head counts come from `model.config`).
 
 >>> summary = patch(model, r=16, lora_alpha=32, targets=("q", "v", "o_proj"))  # doctest: +SKIP
 >>> print(summary)                                                            # doctest: +SKIP
@@ -20,9 +20,20 @@ import torch
 from torch import nn
 
 from lora import quant
-from lora.layers import Linear, LoRALayer, MergedLinear, check_flags, check_hyperparameters, check_lora_shapes_on_load
+from lora.layers import (
+    Linear,
+    LoRALayer,
+    MergedLinear,
+    check_flags,
+    check_hyperparameters,
+    check_lora_shapes_on_load,
+    lora_layers,
+)
 
-__all__ = ["DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "is_patchable", "patch"]
+__all__ = [
+    "DEFAULT_TARGETS", "MODULE_NAMES", "SLICE_NAMES", "ModuleSpec", "PatchSummary", "apply_specs", "is_patchable",
+    "patch", "plan_modules", "resolve_targets", "split_sizes",
+]
 
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # module name -> (parent attribute in a decoder layer, names of its output slices)
@@ -61,7 +72,7 @@ class PatchRow:
 
 @dataclass(frozen=True)
 class PatchSummary:
-    """What ``patch`` did: one row per adapted module, and the parameter counts."""
+    """What `patch` did: one row per adapted module, and the parameter counts."""
 
     rows: tuple[PatchRow, ...]
     trainable: int
@@ -89,7 +100,7 @@ class PatchSummary:
 
 
 def is_patchable(module: object) -> bool:
-    """A plain ``nn.Linear``, or bitsandbytes' 4-bit ``Linear4bit`` (QLoRA: ours or transformers' quantized load)."""
+    """A plain `nn.Linear`, or bitsandbytes' 4-bit `Linear4bit` (QLoRA: ours or transformers' quantized load)."""
     return type(module) is nn.Linear or (isinstance(module, nn.Linear) and quant.is_quantized(module.weight))
 
 
@@ -99,7 +110,7 @@ def _config_value(config: object, name: str) -> int | None:
 
 
 def split_sizes(model: nn.Module, module: str) -> tuple[int, ...]:
-    """Output slice sizes of a fused module from ``model.config``: (q, k, v) or (gate, up)."""
+    """Output slice sizes of a fused module from `model.config`: (q, k, v) or (gate, up)."""
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("the model has no .config; patch needs its head counts to split qkv_proj")
@@ -123,7 +134,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def resolve_targets(targets: str | Iterable[str]) -> dict[str, tuple[str, ...] | None]:
-    """``{module: None}`` for whole-module targets, ``{module: (slice, ...)}`` for sub-projections."""
+    """`{module: None}` for whole-module targets, `{module: (slice, ...)}` for sub-projections."""
     names = (targets,) if isinstance(targets, str) else tuple(targets)
     if not names:
         raise ValueError("targets is empty; name at least one of " + _valid_names())
@@ -159,7 +170,7 @@ def plan_modules(
     layers: Iterable[int] | None,
     use_dora: bool = False,
 ) -> list[ModuleSpec]:
-    """The modules ``patch`` would adapt, checked against the model, without changing anything."""
+    """The modules `patch` would adapt, checked against the model, without changing anything."""
     check_hyperparameters(r, lora_alpha, lora_dropout)
     check_flags(use_rslora=use_rslora, use_dora=use_dora)
     if r == 0:
@@ -182,12 +193,12 @@ def plan_modules(
 
 
 def apply_specs(model: nn.Module, specs: Sequence[ModuleSpec], adapter_dtype: torch.dtype | None) -> PatchSummary:
-    """Swap each named ``nn.Linear`` for its LoRA layer; freeze everything but the adapters.
+    """Swap each named `nn.Linear` for its LoRA layer; freeze everything but the adapters.
 
     Every module is checked and every new layer built before the first swap, so an error leaves the
     model as it was.
     """
-    if any(isinstance(m, LoRALayer) for m in model.modules()):
+    if any(lora_layers(model)):
         raise ValueError("the model is already patched (it has LoRA layers); load a fresh model to patch again")
     if not specs:
         raise ValueError("nothing to patch: no module matches the targets and layers given")
@@ -243,12 +254,12 @@ def patch(
     layers: Iterable[int] | None = None,
     adapter_dtype: torch.dtype | None = torch.float32,
 ) -> PatchSummary:
-    """Put LoRA on ``targets`` of every decoder layer (or of ``layers``), in place; return a summary.
+    """Put LoRA on `targets` of every decoder layer (or of `layers`), in place; return a summary.
 
     The base weights are shared, not copied; everything but the adapters is frozen; the layers use
-    ``merge_weights=False`` (merge explicitly, for export). Default targets are the four projections,
-    as PEFT's ``target_modules="all-linear"``. ``use_dora=True`` makes every adapter DoRA (a trainable
-    ``lora_magnitude`` per adapted row; docs/layers.md). Errors (unknown target, a module named with one of its
+    `merge_weights=False` (merge explicitly, for export). Default targets are the four projections,
+    as PEFT's `target_modules="all-linear"`. `use_dora=True` makes every adapter DoRA (a trainable
+    `lora_magnitude` per adapted row; docs/layers.md). Errors (unknown target, a module named with one of its
     slices, an already patched model, bad r/alpha/dropout) are raised before anything is swapped.
 
     >>> summary = patch(model, targets=("q", "v"))  # doctest: +SKIP

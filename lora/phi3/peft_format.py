@@ -1,11 +1,11 @@
-"""Phi-3 adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Phi-3 adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
-PEFT puts one LoRA over each fused module: ``lora_A`` (R, in), ``lora_B`` (out, R), keys
-``base_model.model.<module>.lora_A.weight``, scaling ``lora_alpha / R`` (``/ sqrt(R)`` with rslora). A
-whole-module ``lora.Linear`` is exactly that. A per-slice ``lora.MergedLinear`` (say q and v of
-``qkv_proj``) is exported exactly too: its A blocks stacked (R = r * slices), its B blocks placed
-block-diagonally (zero rows for the slices without an adapter), and ``rank_pattern``/``alpha_pattern``
-entries so PEFT's scaling for that module equals ours. ``uniform_rank=True`` writes one rank for every
+PEFT puts one LoRA over each fused module: `lora_A` (R, in), `lora_B` (out, R), keys
+`base_model.model.<module>.lora_A.weight`, scaling `lora_alpha / R` (`/ sqrt(R)` with rslora). A
+whole-module `lora.Linear` is exactly that. A per-slice `lora.MergedLinear` (say q and v of
+`qkv_proj`) is exported exactly too: its A blocks stacked (R = r * slices), its B blocks placed
+block-diagonally (zero rows for the slices without an adapter), and `rank_pattern`/`alpha_pattern`
+entries so PEFT's scaling for that module equals ours. `uniform_rank=True` writes one rank for every
 module instead (A and B padded with zeros, each module's scaling folded into B, global scaling 1), for
 servers that ignore per-module patterns; vLLM is such a server as far as its documentation goes, but
 this machine cannot run vLLM, so that path is tested with PEFT only.
@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora.atomic import atomic_directory
-from lora.layers import Linear, LoRALayer, MergedLinear
+from lora.layers import Linear, LoRALayer, MergedLinear, lora_alpha_for, lora_layers, lora_scaling
+from lora.phi3.config import read_json
 from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs, is_patchable
 from lora.sharding import full_tensor, is_sharded, shard_like, writes_files
 
@@ -52,22 +53,14 @@ _UNSUPPORTED = {
 }
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer) and m.has_lora]
-
-
 def _peft_pair(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's (A, B) for one layer: (R, in) and (out, R), float32."""
     A, B = full_tensor(layer.lora_A).detach().float(), full_tensor(layer.lora_B).detach().float()
     if not isinstance(layer, MergedLinear):
         return A.clone(), B.clone()
-    r = layer.r
-    slices = layer._slices()
-    B_full = torch.zeros(layer.out_features, r * len(slices))
-    row = 0
-    for j, (offset, size) in enumerate(slices):
-        B_full[offset : offset + size, j * r : (j + 1) * r] = B[row : row + size]  # block-diagonal
-        row += size
+    B_full = torch.zeros(layer.out_features, A.shape[0])
+    for s in layer.lora_slices:
+        B_full[s.columns, s.a_rows] = B[s.b_rows]  # block-diagonal
     return A.clone(), B_full
 
 
@@ -78,16 +71,14 @@ def _peft_magnitude(layer: Linear) -> torch.Tensor:
     if not isinstance(layer, MergedLinear):
         return magnitude.clone()
     full = torch.linalg.vector_norm(full_tensor(layer.weight).detach().float(), dim=1)
-    row = 0
-    for offset, size in layer._slices():
-        full[offset : offset + size] = magnitude[row : row + size]
-        row += size
+    for s in layer.lora_slices:
+        full[s.columns] = magnitude[s.b_rows]
     return full
 
 
 def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the ``adapter_config.json`` content of ``model``'s adapters in PEFT's format."""
-    layers = _lora_layers(model)
+    """The tensors and the `adapter_config.json` content of `model`'s adapters in PEFT's format."""
+    layers = list(lora_layers(model, adapted_only=True))
     if not layers:
         raise ValueError("the model has no LoRA layers: patch it (lora.phi3.patch) before saving an adapter")
     for name, layer in layers:
@@ -122,11 +113,11 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
         if len(rslora) > 1:
             raise ValueError("PEFT has one use_rslora per adapter; this model mixes rslora and plain scaling")
         for name in pairs:
-            global_scaling = alpha / (math.sqrt(ranks[name]) if use_rslora else ranks[name])
+            global_scaling = lora_scaling(alpha, ranks[name], use_rslora=use_rslora)
             if ranks[name] != r or not math.isclose(scalings[name], global_scaling, rel_tol=1e-12):
                 rank_pattern[name] = ranks[name]
                 # PEFT computes alpha / R (or / sqrt(R)); choose alpha so that equals our scaling.
-                alpha_pattern[name] = scalings[name] * (math.sqrt(ranks[name]) if use_rslora else ranks[name])
+                alpha_pattern[name] = lora_alpha_for(scalings[name], ranks[name], use_rslora=use_rslora)
     for name, (A, B) in pairs.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
@@ -137,7 +128,7 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
     short = sorted({name.rsplit(".", 1)[1] for name in modules})
     every_layer = {f"model.layers.{i}.{MODULE_NAMES[s][0]}.{s}" for s in short
                    for i in range(len(model.model.layers))} == set(modules)
-    dropouts = {layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0 for _, layer in layers}
+    dropouts = {layer.dropout_rate for _, layer in layers}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -162,11 +153,11 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
 
 
 def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, uniform_rank: bool = False) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into the directory ``path``.
+    """Write `adapter_config.json` and `adapter_model.safetensors` into the directory `path`.
 
-    ``peft.PeftModel.from_pretrained(transformers_phi3, path)`` then reproduces this model's logits.
-    The directory is replaced as a whole (``lora.atomic.atomic_directory``): a crash leaves the old adapter
-    or the new one, never new weights beside an old config. Other files of an existing ``path`` stay.
+    `peft.PeftModel.from_pretrained(transformers_phi3, path)` then reproduces this model's logits.
+    The directory is replaced as a whole (`lora.atomic.atomic_directory`): a crash leaves the old adapter
+    or the new one, never new weights beside an old config. Other files of an existing `path` stay.
     On a model sharded with FSDP2, call it on every rank: the adapters are gathered and rank 0 writes.
     """
     tensors, config = peft_tensors(model, uniform_rank=uniform_rank)
@@ -183,10 +174,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no PEFT adapter config (expected {CONFIG_NAME} in {path})")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON: {error}") from error
+    config = read_json(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' is")
     for key, allowed in _UNSUPPORTED.items():
@@ -267,13 +255,13 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a PEFT LoRA adapter for Phi-3 from the directory ``path``.
+    """Load a PEFT LoRA adapter for Phi-3 from the directory `path`.
 
-    Onto an unpatched model it patches first, from ``adapter_config.json`` (whole-module ``lora.Linear``
-    layers, PEFT's layout, with ``rank_pattern``/``alpha_pattern`` honoured). Onto a patched model the
-    layout must match: the same modules with the same rank and scaling (a ``MergedLinear`` accepts the
-    block-diagonal layout ``save_peft_adapter`` writes for it). Options this library does not implement
-    (``lora_bias``, ``modules_to_save``, ...) are refused by name; DoRA adapters (``use_dora``) load into DoRA
+    Onto an unpatched model it patches first, from `adapter_config.json` (whole-module `lora.Linear`
+    layers, PEFT's layout, with `rank_pattern`/`alpha_pattern` honoured). Onto a patched model the
+    layout must match: the same modules with the same rank and scaling (a `MergedLinear` accepts the
+    block-diagonal layout `save_peft_adapter` writes for it). Options this library does not implement
+    (`lora_bias`, `modules_to_save`, ...) are refused by name; DoRA adapters (`use_dora`) load into DoRA
     layers. On a patched model sharded
     with FSDP2 (call it on every rank) each rank copies its slice of each tensor.
     """
@@ -307,10 +295,10 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         if rank != expected_rank:
             raise ValueError(f"{path}: {module}.lora_A has rank {rank}, the config says {expected_rank}")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
-        scaling[module] = alpha / (math.sqrt(rank) if use_rslora else rank)
+        scaling[module] = lora_scaling(alpha, rank, use_rslora=use_rslora)
 
     named = dict(model.named_modules())
-    patched = any(isinstance(m, LoRALayer) for m in model.modules())
+    patched = any(lora_layers(model))
     if not patched and is_sharded(model):
         raise ValueError(f"{path}: the model is sharded (FSDP2) and not patched; patch it before sharding "
                          "(lora.phi3.fsdp.from_pretrained_sharded(prepare=...)), then load the adapter")
@@ -323,13 +311,13 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         for module, pair in sorted(pairs.items()):
             rank = pair["A"].shape[0]
             # lora_alpha chosen so that our scaling (alpha / r, or / sqrt(r)) is PEFT's.
-            alpha = scaling[module] * (math.sqrt(rank) if use_rslora else rank)
+            alpha = lora_alpha_for(scaling[module], rank, use_rslora=use_rslora)
             specs.append(ModuleSpec(module, rank, alpha, float(config.get("lora_dropout") or 0.0), use_rslora,
                                     use_dora=use_dora))
         _check_shapes(path, pairs, named)
         apply_specs(model, specs, torch.float32)
         named = dict(model.named_modules())
-    own = {name for name, _ in _lora_layers(model)}
+    own = {name for name, _ in lora_layers(model, adapted_only=True)}
     if own != set(pairs):
         missing = sorted(own - set(pairs)) or sorted(set(pairs) - own)
         raise ValueError(f"{path}: the adapter's modules differ from the model's LoRA layers, first: {missing[0]!r}")
@@ -368,15 +356,14 @@ def _to_layer(path: Path, module: str, layer: LoRALayer, A: torch.Tensor, B: tor
     if not math.isclose(layer.scaling, scaling, rel_tol=1e-6):
         raise ValueError(f"{path}: {module} has scaling {scaling} in the adapter, {layer.scaling} in the model")
     if isinstance(layer, MergedLinear):
-        r, slices = layer.r, layer._slices()
-        if A.shape != layer.lora_A.shape or B.shape != (layer.out_features, r * len(slices)):
+        stacked = layer.lora_A.shape[0]  # r * slices
+        if A.shape != layer.lora_A.shape or B.shape != (layer.out_features, stacked):
             raise ValueError(f"{path}: {module} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}; the model's "
-                             f"per-slice layer needs {tuple(layer.lora_A.shape)} / "
-                             f"{(layer.out_features, r * len(slices))}")
+                             f"per-slice layer needs {tuple(layer.lora_A.shape)} / {(layer.out_features, stacked)}")
         blocks, mask = [], torch.zeros_like(B, dtype=torch.bool)
-        for j, (offset, size) in enumerate(slices):
-            blocks.append(B[offset : offset + size, j * r : (j + 1) * r])
-            mask[offset : offset + size, j * r : (j + 1) * r] = True
+        for s in layer.lora_slices:
+            blocks.append(B[s.columns, s.a_rows])
+            mask[s.columns, s.a_rows] = True
         outside = B.masked_select(~mask)
         if outside.numel() and outside.abs().max() > 0:
             raise ValueError(f"{path}: {module}'s lora_B is not block-diagonal over the model's slices, so it "
@@ -395,8 +382,8 @@ def _magnitude_to_layer(path: Path, module: str, layer: LoRALayer, magnitude: to
         return magnitude
     norms = torch.linalg.vector_norm(layer.weight.detach().float(), dim=1)
     keep = torch.zeros(layer.out_features, dtype=torch.bool)
-    for offset, size in layer._slices():
-        keep[offset : offset + size] = True
+    for s in layer.lora_slices:
+        keep[s.columns] = True
     others, own = magnitude.float()[~keep], norms[~keep]
     if others.numel() and not torch.allclose(others, own, rtol=1e-5, atol=1e-7):
         raise ValueError(f"{path}: {module}'s lora_magnitude_vector rescales rows the model's per-slice layer "

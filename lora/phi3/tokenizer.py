@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
+from lora.phi3.config import read_json
+
 __all__ = [
     "BYTE_TOKENIZER_FILE",
     "SPECIAL_TOKENS",
@@ -157,7 +159,7 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
     if (root / "tokenizer.json").is_file():
         return HFTokenizer(root / "tokenizer.json")
     if (root / BYTE_TOKENIZER_FILE).is_file():
-        description: dict[str, Any] = json.loads((root / BYTE_TOKENIZER_FILE).read_text())
+        description: dict[str, Any] = read_json(root / BYTE_TOKENIZER_FILE)
         tokenizer = ByteTokenizer()
         if description.get("special_tokens") != tokenizer.specials:
             raise ValueError(f"{root / BYTE_TOKENIZER_FILE}: special token ids differ from this version's")

@@ -218,7 +218,22 @@ def test_bad_max_shard_size(tiny_dir: Path, tmp_path: Path) -> None:
     model = from_pretrained(tiny_dir)
     with pytest.raises(ValueError, match=r"max_shard_size must be an int or a size like '5GB'"):
         save_pretrained(model, tmp_path / "x", max_shard_size="lots")
-    assert checkpoint._parse_size("2GiB") == 2 * 2**30 and checkpoint._parse_size("5GB") == 5 * 10**9
+    assert checkpoint.parse_size("2GiB") == 2 * 2**30 and checkpoint.parse_size("5GB") == 5 * 10**9
+
+
+def test_plan_shards_names_the_files_and_keeps_the_order(tmp_path: Path) -> None:
+    sizes = {"a": 6, "b": 3, "c": 12, "d": 1}
+    assert checkpoint.plan_shards(sizes, "1KB") == {"model.safetensors": ["a", "b", "c", "d"]}
+    files = checkpoint.plan_shards(sizes, 10)
+    assert files == {"model-00001-of-00003.safetensors": ["a", "b"], "model-00002-of-00003.safetensors": ["c"],
+                     "model-00003-of-00003.safetensors": ["d"]}  # a tensor larger than the limit: a file of its own
+    checkpoint.write_shard_index(tmp_path, files, sizes)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index == {"metadata": {"total_size": 22}, "weight_map": {
+        "a": "model-00001-of-00003.safetensors", "b": "model-00001-of-00003.safetensors",
+        "c": "model-00002-of-00003.safetensors", "d": "model-00003-of-00003.safetensors"}}
+    checkpoint.write_shard_index(tmp_path / "none", {"model.safetensors": ["a"]}, {"a": 6})  # one file: no index
+    assert not (tmp_path / "none").exists()
 
 
 def test_copy_of_directory_loads(tiny_dir: Path, tmp_path: Path) -> None:

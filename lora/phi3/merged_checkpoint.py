@@ -1,4 +1,4 @@
-"""Merge the adapters into the base weights and write a plain checkpoint that transformers loads.
+"""`merge_and_save`: merge the adapters into the base weights and write a plain checkpoint that transformers loads.
 
 The merged weights are computed and written one tensor at a time, straight into safetensors files, so
 the model is never held twice in memory. Before the directory is renamed into place, the written
@@ -6,10 +6,10 @@ checkpoint is loaded back (memory-mapped) and its logits on a fixed probe batch 
 adapted model's; a difference beyond the dtype's tolerance raises instead of leaving a merged model
 that behaves differently from adapter + base.
 
-On a 4-bit (QLoRA) base every projection is written as ``dequantize(W4) + delta`` in the dtype the 4-bit
+On a 4-bit (QLoRA) base every projection is written as `dequantize(W4) + delta` in the dtype the 4-bit
 weights dequantize to (bf16 or float32): the weights the adapters were trained against, in a plain checkpoint
-without ``quantization_config``. The check then compares that plain model's logits with the 4-bit model +
-adapters, at the same tolerances: what differs is one rounding of ``W + delta`` to the weight's dtype.
+without `quantization_config`. The check then compares that plain model's logits with the 4-bit model +
+adapters, at the same tolerances: what differs is one rounding of `W + delta` to the weight's dtype.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch import nn
 
 from lora import quant
 from lora.atomic import atomic_directory
-from lora.layers import LoRALayer
-from lora.phi3.checkpoint import _parse_size, from_pretrained
+from lora.layers import lora_layers
+from lora.phi3.checkpoint import from_pretrained, parse_size, plan_shards, write_shard_index
 from lora.sharding import is_sharded
 
 __all__ = ["merge_and_save", "MergeVerificationError"]
@@ -51,7 +51,7 @@ class MergeVerificationError(RuntimeError):
 
 def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, Callable[[], torch.Tensor]]]:
     """(name, shape, dtype, produce) for every tensor of the plain checkpoint, in state-dict order."""
-    lora_layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    adapted = dict(lora_layers(model))
     # 4-bit weights (adapted or not) by their name: written dequantized, their quant-state keys left out
     packed = {f"{name}.weight": m.weight for name, m in model.named_modules()
               if quant.is_quantized(m._parameters.get("weight"))}
@@ -59,13 +59,13 @@ def _tensor_plan(model: nn.Module) -> list[tuple[str, torch.Size, torch.dtype, C
     plan = []
     for name, tensor in model.state_dict(keep_vars=True).items():
         module_name, _, leaf = name.rpartition(".")
-        if module_name in lora_layers and leaf in lora_layers[module_name].adapter_parameter_names():
+        if module_name in adapted and leaf in adapted[module_name].adapter_parameter_names():
             continue
         if tied and name == "lm_head.weight":
             continue
         if any(name.startswith(weight + ".") for weight in packed):
             continue  # `<weight>.absmax` and the rest of a 4-bit weight's quant state
-        layer = lora_layers.get(module_name)
+        layer = adapted.get(module_name)
         shape, dtype = quant.logical_shape(tensor), quant.logical_dtype(tensor)
         if layer is not None and leaf == "weight" and (layer.has_lora or name in packed):
             produce = layer.merged_weight_tensor
@@ -84,7 +84,7 @@ def _write_safetensors(path: Path, items: list[tuple[str, torch.Size, torch.dtyp
     for name, shape, dtype, _ in items:
         if dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{name}: dtype {dtype} cannot be written (float32, bfloat16 or float16 expected)")
-        nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = shape.numel() * dtype.itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -118,15 +118,15 @@ def merge_and_save(
     tolerance: float | None = None,
     overwrite: bool = False,
 ) -> float:
-    """Write ``model`` with every adapter merged as a plain Phi-3 checkpoint directory at ``path``.
+    """Write `model` with every adapter merged as a plain Phi-3 checkpoint directory at `path`.
 
-    ``model`` itself stays unmerged. Tokenizer files and ``generation_config.json`` of the directory the
+    `model` itself stays unmerged. Tokenizer files and `generation_config.json` of the directory the
     model was loaded from are copied beside it. Returns the largest |logit| difference between the
-    written checkpoint and adapter + base on ``probe_ids`` (default: a fixed 2 x 16 batch); raises
-    ``MergeVerificationError`` and writes nothing when it exceeds ``tolerance`` (default by dtype:
-    1e-4 for float32, 3e-2 for bfloat16, relative to the logits' scale). ``path`` must not exist yet,
-    or be an empty directory; ``overwrite=True`` replaces an earlier merged checkpoint there, as a whole and
-    only once the new one is complete and verified (``lora.atomic.atomic_directory``).
+    written checkpoint and adapter + base on `probe_ids` (default: a fixed 2 x 16 batch); raises
+    `MergeVerificationError` and writes nothing when it exceeds `tolerance` (default by dtype:
+    1e-4 for float32, 3e-2 for bfloat16, relative to the logits' scale). `path` must not exist yet,
+    or be an empty directory; `overwrite=True` replaces an earlier merged checkpoint there, as a whole and
+    only once the new one is complete and verified (`lora.atomic.atomic_directory`).
 
     >>> diff = merge_and_save(model, "phi3-merged")  # doctest: +SKIP
     """
@@ -134,25 +134,16 @@ def merge_and_save(
     if root.exists() and (not root.is_dir() or (not overwrite and any(root.iterdir()))):
         raise FileExistsError(f"{root}: already exists and is not an empty directory; choose a new path "
                               "(or pass overwrite=True to replace a directory)")
-    if not any(isinstance(m, LoRALayer) and m.has_lora for m in model.modules()):
+    if not any(lora_layers(model, adapted_only=True)):
         raise ValueError("the model has no adapters to merge (patch it or load an adapter first)")
     if is_sharded(model):
         raise ValueError("merge_and_save needs the whole model in one process, not one sharded with FSDP2: after "
                          "training, load the base (from_pretrained), patch it the same way, load_adapter the saved "
                          "adapter file and merge that")
-    max_bytes = _parse_size(max_shard_size)
-    plan = _tensor_plan(model)
-    shards: list[list] = [[]]
-    size = 0
-    for item in plan:
-        nbytes = item[1].numel() * torch.empty((), dtype=item[2]).element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    parse_size(max_shard_size)  # a bad size is refused before anything else
+    plan = {item[0]: item for item in _tensor_plan(model)}
+    sizes = {name: shape.numel() * dtype.itemsize for name, shape, dtype, _ in plan.values()}
+    files = plan_shards(sizes, max_shard_size)
 
     vocab = int(model.config.vocab_size)
     ids = probe_ids if probe_ids is not None else (torch.arange(32).view(2, 16) * 7919 + 11) % vocab
@@ -168,15 +159,11 @@ def merge_and_save(
         with atomic_directory(root, replace=overwrite) as tmp:
             with torch.no_grad():
                 expected = _logits(model, ids)
-            for name, shard in zip(names, shards, strict=True):
-                _write_safetensors(tmp / name, shard)
-            if len(shards) > 1:
-                weight_map = {item[0]: name for name, shard in zip(names, shards, strict=True) for item in shard}
-                total = sum(item[1].numel() * torch.empty((), dtype=item[2]).element_size() for item in plan)
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for file, names in files.items():
+                _write_safetensors(tmp / file, [plan[name] for name in names])
+            write_shard_index(tmp, files, sizes)
             config = model.config.to_dict()
-            dtypes = {item[2] for item in plan}
+            dtypes = {item[2] for item in plan.values()}
             if len(dtypes) == 1:
                 config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
             config.pop("torch_dtype", None)
@@ -197,7 +184,7 @@ def merge_and_save(
                 actual = _logits(merged, ids)
             del merged
             difference = (actual - expected).abs().max().item()
-            weight_dtype = next(item[2] for item in plan if item[0].endswith("proj.weight"))
+            weight_dtype = next(item[2] for item in plan.values() if item[0].endswith("proj.weight"))
             limit = (tolerance if tolerance is not None
                      else _TOLERANCE[weight_dtype] * max(1.0, expected.abs().max().item()))
             if not difference <= limit:
