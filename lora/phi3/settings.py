@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["Setting", "Settings", "check_device", "read_json"]
+from lora.phi3.config import read_json
+
+__all__ = ["Setting", "Settings", "check_device"]
 
 Bounds = Literal["positive", "non-negative", "fraction"]
 _BOUND_TEXT = {"positive": "must be positive", "non-negative": "must be >= 0", "fraction": "must be in [0, 1)"}
@@ -173,7 +175,12 @@ class Settings:
         """The settings of a resumed run: the checkpoint's (its `train_config.json`), with those `given` now that
         may change (`resumable`); a ValueError for one given otherwise, or a file this table did not write."""
         path = checkpoint / "train_config.json"
-        saved = read_json(path, "--resume")
+        try:
+            saved = read_json(path)
+        except OSError as err:
+            raise ValueError(f"--resume {path}: cannot read it ({err})") from err
+        except ValueError as err:  # names the file
+            raise ValueError(f"--resume {err}") from err
         if not isinstance(saved, dict) or set(saved) - set(self.fixed) != set(self.table):
             raise ValueError(f"--resume {path}: not the settings of a run of this script")
         saved = self.checked_types(saved, f"--resume {path}")
@@ -183,16 +190,6 @@ class Settings:
                              f"contradict the checkpoint's settings "
                              f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); resuming keeps them")
         return {**saved, **given}
-
-
-def read_json(path: Path, what: str) -> Any:
-    """`json.loads` of a file, with errors that name it (`what` says which option gave it)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {path}: cannot read it ({err})") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
 
 
 def check_device(name: str) -> None:
