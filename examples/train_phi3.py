@@ -322,7 +322,7 @@ def train_step(trainer: torch.nn.Module, model: Phi3ForCausalLM, rows: list[Exam
             model.set_requires_gradient_sync(sync)
         with nullcontext() if sync or procs.sharded else trainer.no_sync():
             loss = trainer(batch.input_ids, batch.labels, position_ids=batch.position_ids,
-                           packed=batch.position_ids is not None, reduction="sum")
+                           document_ids=batch.document_ids, reduction="sum")
             (loss * scale).backward()
         step_loss += loss.detach().double()
     if procs.world > 1:

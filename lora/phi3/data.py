@@ -3,8 +3,8 @@
 A dataset is a JSONL file with one `{"messages": [{"role": ..., "content": ...}, ...]}` per line (the
 format of ultrachat_200k). Each conversation becomes an `Example` (ids and assistant-only labels, see
 `lora.phi3.chat`). Examples are batched with right padding, or packed several to a fixed-length row with
-position ids restarting at 0 for each document (the model's `packed=True` then blocks attention across
-documents, so a packed row gives each document the loss it has alone).
+position ids restarting at 0 for each document, and the batch's `document_ids` make the model block attention
+across documents, so a packed row gives each document the loss it has alone.
 
     conversations = read_conversations("train.jsonl")
     examples, stats = encode_conversations(conversations, tokenizer, PHI3, max_length=512, policy="truncate")
@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from lora.phi3.chat import IGNORE_INDEX, ChatTemplate, check_conversation, encode_chat
+from lora.phi3.model import document_ids_from_positions
 from lora.phi3.tokenizer import Tokenizer
 
 __all__ = [
@@ -161,7 +162,9 @@ def pack_examples(examples: Sequence[Example], seq_len: int) -> list[Example]:
 
 @dataclass
 class Batch:
-    """Tensors for `Phi3ForCausalLM.loss`: `input_ids`, `labels` `(B, T)`; `position_ids` when packed.
+    """Tensors for `Phi3ForCausalLM.loss`: `input_ids`, `labels` `(B, T)`; for packed rows `position_ids` and
+    `document_ids` (None otherwise), which the model takes as they are:
+    `model.loss(b.input_ids, b.labels, position_ids=b.position_ids, document_ids=b.document_ids)`.
 
     `num_targets` counts the labels the loss covers, `num_tokens` the real (not padding) tokens.
     """
@@ -169,13 +172,17 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor | None
+    document_ids: torch.Tensor | None
     num_targets: int
     num_tokens: int
 
     def to(self, device: torch.device) -> Batch:
         """The same batch on `device`."""
-        positions = None if self.position_ids is None else self.position_ids.to(device)
-        return Batch(self.input_ids.to(device), self.labels.to(device), positions, self.num_targets, self.num_tokens)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(self.input_ids.to(device), self.labels.to(device), move(self.position_ids),
+                     move(self.document_ids), self.num_targets, self.num_tokens)
 
 
 def collate(rows: Sequence[Example], pad_id: int) -> Batch:
@@ -199,8 +206,9 @@ def collate(rows: Sequence[Example], pad_id: int) -> Batch:
         if positions is not None:
             positions[b, :n] = torch.tensor(row.position_ids)
             positions[b, n:] = torch.arange(width - n)
+    documents = None if positions is None else document_ids_from_positions(positions)  # (B, T)
     num_tokens = sum(len(r.input_ids) for r in rows)
-    return Batch(ids, labels, positions, int((labels[:, 1:] != IGNORE_INDEX).sum()), num_tokens)
+    return Batch(ids, labels, positions, documents, int((labels[:, 1:] != IGNORE_INDEX).sum()), num_tokens)
 
 
 def step_indices(num_rows: int, *, step: int, global_batch: int, seed: int) -> list[int]:

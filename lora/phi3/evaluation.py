@@ -61,7 +61,7 @@ class Evaluation:
                 part, weight = self.rows[:1], 0
             batch = collate(part, self.pad_id).to(procs.device)
             total[0] += weight * model.loss(batch.input_ids, batch.labels, position_ids=batch.position_ids,
-                                            packed=batch.position_ids is not None, reduction="sum").double()
+                                            document_ids=batch.document_ids, reduction="sum").double()
             total[1] += weight * batch.num_targets
         if procs.world > 1:
             dist.all_reduce(total)

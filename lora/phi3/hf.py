@@ -38,7 +38,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from lora.adapter import load_adapter, save_adapter
 from lora.layers import lora_layers
 from lora.phi3.config import architecture
-from lora.phi3.model import Phi3ForCausalLM
+from lora.phi3.model import Phi3ForCausalLM, document_ids_from_positions
 from lora.phi3.peft_format import save_peft_adapter
 
 # LoRASFTTrainer is built by the module's __getattr__ on first use
@@ -144,7 +144,8 @@ class TrainerModel(nn.Module):
         **unused: Any,
     ) -> CausalLMOutput:
         packed = position_ids is not None and attention_mask is None
-        inputs = {"position_ids": position_ids, "attention_mask": attention_mask, "packed": packed}
+        documents = document_ids_from_positions(position_ids.expand(input_ids.shape[0], -1)) if packed else None
+        inputs = {"position_ids": position_ids, "attention_mask": attention_mask, "document_ids": documents}
         loss = logits = None
         if labels is not None:
             loss = self.model.loss(input_ids, labels, **inputs)

@@ -20,7 +20,15 @@ from torch.utils.checkpoint import checkpoint
 from lora.phi3.config import Phi3Config
 from lora.phi3.loss import chunked_cross_entropy
 
-__all__ = ["KVCache", "Phi3ForCausalLM", "Phi3Model", "Phi3RMSNorm", "attention_mask_for", "rope_cos_sin"]
+__all__ = [
+    "KVCache",
+    "Phi3ForCausalLM",
+    "Phi3Model",
+    "Phi3RMSNorm",
+    "attention_mask_for",
+    "document_ids_from_positions",
+    "rope_cos_sin",
+]
 
 
 class Phi3RMSNorm(nn.Module):
@@ -257,33 +265,33 @@ class Phi3Model(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        packed: bool = False,
+        document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Final hidden states; see `Phi3ForCausalLM.forward` for the arguments."""
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            if packed:
-                raise ValueError("packed=True needs position_ids (restarting at 0 for each packed document)")
             position_ids = torch.arange(past, past + t, device=input_ids.device)[None]  # (1, T)
         if attention_mask is not None and attention_mask.shape != (b, past + t):
             raise ValueError(
                 f"attention_mask must have shape (batch, past + new tokens) = {(b, past + t)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        documents = None
-        if packed:
+        if document_ids is not None:
             if cache is not None:
-                raise ValueError("packed=True is for training-style full sequences, not with a KV cache")
-            documents = document_ids_from_positions(position_ids.expand(b, -1))
+                raise ValueError("document_ids (packed rows) are for training-style full sequences, not with a "
+                                 "KV cache")
+            if document_ids.shape != (b, t):
+                raise ValueError(f"document_ids must have the shape of input_ids {(b, t)}, "
+                                 f"got {tuple(document_ids.shape)}")
         x = self.embed_tokens(input_ids)
         mask = attention_mask_for(
             q_len=t,
             kv_len=past + t,
             sliding_window=self.config.sliding_window,
             padding_mask=attention_mask,
-            document_ids=documents,
+            document_ids=document_ids,
             device=x.device,
         )
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
@@ -337,7 +345,7 @@ class Phi3ForCausalLM(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        packed: bool = False,
+        document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
@@ -348,19 +356,20 @@ class Phi3ForCausalLM(nn.Module):
 
         `position_ids` `(B or 1, T)` default to `past + arange(T)`. `attention_mask` `(B, past + T)` has 1
         for real tokens and 0 for padding (right padding; left padding with matching position_ids, as
-        `generate` builds them). `packed=True` blocks attention between documents packed into one row,
-        found where `position_ids` restart (transformers does this implicitly when position_ids come
-        without an attention_mask and without a cache, i.e. `use_cache=False`; here it is asked for, so a
-        plain call never changes the mask).
+        `generate` builds them). `document_ids` `(B, T)` block attention between documents packed into one
+        row: a token attends only to earlier tokens of its own document (`collate` gives them for packed rows;
+        `document_ids_from_positions` derives them where `position_ids` restart, transformers' implicit rule
+        for position_ids without an attention_mask and without a cache; here it is asked for, so a plain call
+        never changes the mask).
         `cache` is the `KVCache` that `generate` threads through.
         """
         if labels is not None:
             if cache is not None:
                 raise ValueError("labels (a loss) and a KV cache (generation) do not go together")
             return self.loss(input_ids, labels, position_ids=position_ids, attention_mask=attention_mask,
-                             packed=packed, reduction=reduction)
+                             document_ids=document_ids, reduction=reduction)
         hidden = self.model(
-            input_ids, position_ids=position_ids, attention_mask=attention_mask, packed=packed, cache=cache
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids, cache=cache
         )
         return self.lm_head(hidden)
 
@@ -371,7 +380,7 @@ class Phi3ForCausalLM(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        packed: bool = False,
+        document_ids: torch.Tensor | None = None,
         reduction: str = "mean",
     ) -> torch.Tensor:
         """Next-token cross-entropy: token t predicts `labels[t + 1]`; labels of -100 are ignored.
@@ -384,7 +393,9 @@ class Phi3ForCausalLM(nn.Module):
             raise ValueError(
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
             )
-        hidden = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, packed=packed)
+        hidden = self.model(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, document_ids=document_ids
+        )
         targets = labels[:, 1:].reshape(-1)  # (B * (T - 1),)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B * (T - 1), hidden)
         keep = targets != -100

@@ -82,7 +82,8 @@ def test_collate_pads_right_with_ignored_labels():
     batch = collate(rows, pad_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7], [8, 9, 0]]
     assert batch.labels.tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9, IGNORE_INDEX]]
-    assert batch.position_ids is None and batch.num_targets == 3
+    assert batch.position_ids is None and batch.document_ids is None and batch.num_targets == 3
+    assert batch.num_tokens == 5
 
 
 def test_pack_examples_restarts_positions_and_never_splits_documents():
@@ -93,6 +94,7 @@ def test_pack_examples_restarts_positions_and_never_splits_documents():
     assert rows[0].labels == [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]
     batch = collate(rows, pad_id=0)
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]  # the pads form a document of their own
+    assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
     with pytest.raises(ValueError, match="does not fit"):
         pack_examples([Example([1] * 6, [1] * 6)], seq_len=5)
 
@@ -109,7 +111,8 @@ def test_packed_and_unpacked_loss_agree(tmp_path):
     assert packed.input_ids.shape[0] < len(examples) and packed.num_targets == plain.num_targets
     with torch.no_grad():
         unpacked_loss = model.loss(plain.input_ids, plain.labels)
-        packed_loss = model.loss(packed.input_ids, packed.labels, position_ids=packed.position_ids, packed=True)
+        packed_loss = model.loss(packed.input_ids, packed.labels, position_ids=packed.position_ids,
+                                 document_ids=packed.document_ids)
         leaky_loss = model.loss(packed.input_ids, packed.labels)  # attention across documents: not the same
     torch.testing.assert_close(packed_loss, unpacked_loss, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(leaky_loss, unpacked_loss, rtol=1e-3, atol=1e-3)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from phi3_tiny import TINY, longrope, tiny_config
 
 from lora.phi3 import Phi3ForCausalLM, chunked_cross_entropy, from_pretrained
+from lora.phi3.model import document_ids_from_positions
 
 pytest.importorskip("transformers")
 
@@ -69,14 +70,14 @@ def test_right_padding_with_attention_mask(hf_checkpoint) -> None:
 
 def test_packed_documents_match_transformers_and_separate_runs(hf_checkpoint) -> None:
     # transformers blocks attention across documents when position_ids restart, no mask is given and it
-    # keeps no cache (its training setup); packed=True asks for the same.
+    # keeps no cache (its training setup); document_ids derived from the positions ask for the same.
     hf, path = hf_checkpoint(sliding_window=5)
     model = from_pretrained(path)
     ids = torch.randint(3, TINY["vocab_size"], (1, 14))
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 0, 1, 2]])
     with torch.no_grad():
         expected = hf(ids, position_ids=positions, use_cache=False).logits
-        packed = model(ids, position_ids=positions, packed=True)
+        packed = model(ids, position_ids=positions, document_ids=document_ids_from_positions(positions))
         unpacked = model(ids, position_ids=positions)
         second = model(ids[:, 8:11])
     assert (packed - expected).abs().max().item() <= TOL
@@ -199,8 +200,8 @@ def test_bad_forward_arguments() -> None:
     ids = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, past \+ new tokens\)"):
         model(ids, attention_mask=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="packed=True needs position_ids"):
-        model(ids, packed=True)
+    with pytest.raises(ValueError, match=r"document_ids must have the shape of input_ids \(2, 4\), got \(2, 3\)"):
+        model(ids, document_ids=torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
         model.loss(ids, ids[:, :3])
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
