@@ -840,3 +840,9 @@ def test_lora_layers_names_every_lora_layer_or_only_the_adapted_ones():
     assert [name for name, _ in lora.lora_layers(model, adapted_only=True)] == ["0", "4"]
     assert [name for name, _ in lora.lora_layers(model, adapted_only=True, remove_duplicate=False)] == ["0", "3", "4"]
     assert [name for name, _ in lora.lora_layers(model, prefix="m")][0] == "m.0"
+
+
+def test_dropout_rate_is_the_configured_probability_in_either_mode():
+    layer = lora.Linear(4, 4, r=2, lora_dropout=0.25)
+    assert layer.dropout_rate == 0.25 and layer.eval().dropout_rate == 0.25
+    assert lora.Linear(4, 4, r=2).dropout_rate == 0.0

@@ -19,8 +19,8 @@ from lora.phi3 import (
     checkpoint,
     from_pretrained,
     load_peft_adapter,
-    merge,
     merge_and_save,
+    merged_checkpoint,
     patch,
     peft_format,
     save_peft_adapter,
@@ -54,7 +54,7 @@ def fail_at(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
 
     for module in (checkpoint, peft_format):
         monkeypatch.setattr(module, "save_file", wrap(safetensors_torch.save_file))
-    monkeypatch.setattr(merge, "_write_safetensors", wrap(merge._write_safetensors))
+    monkeypatch.setattr(merged_checkpoint, "_write_safetensors", wrap(merged_checkpoint._write_safetensors))
     monkeypatch.setattr(Path, "write_text", wrap(Path.write_text))
     monkeypatch.setattr(shutil, "copy2", wrap(shutil.copy2))
     monkeypatch.setattr(os, "replace", wrap(os.replace))
