@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora.layers import LoRALayer
+from lora.layers import lora_layers
 from lora.phi3.checkpoint import plan_checkpoint
 from lora.phi3.model import Phi3ForCausalLM
 from lora.sharding import is_sharded
@@ -49,13 +49,12 @@ def local_rows(size: int, rank: int, world: int) -> tuple[int, int]:
 
 def _draw_adapters(model: nn.Module) -> None:
     """Replace each meta adapter with a real one, initialised as the layer does (in module order)."""
-    for module in model.modules():
-        if isinstance(module, LoRALayer) and module.has_lora:
-            for name in ("lora_A", "lora_B"):
-                meta = getattr(module, name)
-                setattr(module, name, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype),
-                                                   requires_grad=meta.requires_grad))
-            module.reset_lora_parameters()
+    for _, module in lora_layers(model, adapted_only=True):
+        for name in ("lora_A", "lora_B"):
+            meta = getattr(module, name)
+            setattr(module, name, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype),
+                                               requires_grad=meta.requires_grad))
+        module.reset_lora_parameters()
 
 
 def from_pretrained_sharded(
@@ -92,9 +91,8 @@ def from_pretrained_sharded(
                              "with DDP")
     _draw_adapters(model)
     if device.type != "cpu":
-        for module in model.modules():
-            if isinstance(module, LoRALayer) and module.has_lora:
-                module.lora_A.data, module.lora_B.data = module.lora_A.to(device), module.lora_B.to(device)
+        for _, module in lora_layers(model, adapted_only=True):
+            module.lora_A.data, module.lora_B.data = module.lora_A.to(device), module.lora_B.to(device)
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model.model.layers:

@@ -28,6 +28,7 @@ __all__ = [
     "attention_mask_for",
     "document_ids_from_positions",
     "rope_cos_sin",
+    "uses_long_rope",
 ]
 
 
