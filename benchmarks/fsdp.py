@@ -67,17 +67,6 @@ class PeakMemory:
         return peak
 
 
-class SummedLoss(nn.Module):
-    """The loss as a module's forward, for DDP."""
-
-    def __init__(self, model: Phi3ForCausalLM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(ids, ids, reduction="sum")
-
-
 def write_checkpoint(path: Path, layers: int, quick: bool) -> Phi3Config:
     config = Phi3Config(num_hidden_layers=layers, **(QUICK if quick else {}))
     with torch.device("meta"):
@@ -103,13 +92,11 @@ def worker(mode: str, checkpoint: Path, steps: int, seq: int, out: Path) -> None
     torch.manual_seed(0)
     lora_args = dict(r=16, lora_alpha=32, lora_dropout=0.0)
     if mode == "fsdp":
-        model = from_pretrained_sharded(checkpoint, prepare=lambda m: patch(m, **lora_args))
-        step_loss = model.loss
+        model = trainer = from_pretrained_sharded(checkpoint, prepare=lambda m: patch(m, **lora_args))
     else:
         model = from_pretrained(checkpoint)
         patch(model, **lora_args)
-        trainer = SummedLoss(model) if mode == "one" else nn.parallel.DistributedDataParallel(SummedLoss(model))
-        step_loss = lambda ids, labels, reduction: trainer(ids)  # noqa: E731
+        trainer = model if mode == "one" else nn.parallel.DistributedDataParallel(model)
     load_peak = memory.reset()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -118,7 +105,7 @@ def worker(mode: str, checkpoint: Path, steps: int, seq: int, out: Path) -> None
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        step_loss(mine, mine, reduction="sum").backward()
+        trainer(mine, mine, reduction="sum").backward()  # model(ids, labels): the loss, through DDP's forward
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
