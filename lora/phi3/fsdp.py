@@ -6,8 +6,9 @@ The order is fixed:
 2. `prepare(model)`: patch it (which marks only the adapters trainable), still on meta;
 3. draw the adapters' initial values, whole, on every rank: the same random stream as a patch of a
    loaded model, so a sharded run starts where a single-process run does;
-4. `fully_shard` each decoder layer, then the root (embedding, final norm, lm_head): the base weights are
-   still on meta, so this only decides which rows each rank holds;
+4. `fully_shard` each decoder layer, the embedding and the lm_head (each gathered only while it computes, and
+   neither again in backward), then the root (the final norm): the base weights are still on meta, so this only
+   decides which rows each rank holds;
 5. load: each rank reads its rows of every base tensor from the safetensors files and nothing else, so
    the peak per rank is the weights / N (plus the adapters, whole, until step 4 slices them).
 
@@ -97,6 +98,13 @@ def from_pretrained_sharded(
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # The embedding and the head are units of their own, gathered only while they compute. Neither needs its
+    # weight in backward (the embedding is frozen; the chunked loss computes its gradients in forward), so
+    # neither is gathered again there, nor for the whole forward and backward as the root's would be.
+    for unit in (model.model.embed_tokens, model.lm_head):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        unit.set_unshard_in_backward(False)
+    register_fsdp_forward_method(model.lm_head, "loss")
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     register_fsdp_forward_method(model, "loss")
 
@@ -117,9 +125,9 @@ def from_pretrained_sharded(
 
 @contextmanager
 def root_unsharded(model: nn.Module) -> Iterator[None]:
-    """The root's own parameters (embedding, final norm, lm_head) whole inside the block, for code that uses them
-    without calling `forward` or `loss` (`lora.phi3.generate`); the decoder layers gather theirs as they run.
-    On an unsharded model it does nothing. Every rank must enter it and run the same computation."""
+    """The root's own parameters (the final norm) whole inside the block, for code that uses them without calling
+    `forward` or `loss` (`lora.phi3.generate`); the decoder layers, the embedding and the lm_head gather theirs
+    as they run. On an unsharded model it does nothing. Every rank must enter it and run the same computation."""
     if not is_sharded(model):
         yield
         return

@@ -23,6 +23,7 @@ from lora.phi3.loss import chunked_cross_entropy
 __all__ = [
     "KVCache",
     "Phi3ForCausalLM",
+    "Phi3LMHead",
     "Phi3Model",
     "Phi3RMSNorm",
     "attention_mask_for",
@@ -307,6 +308,18 @@ class Phi3Model(nn.Module):
         return self.norm(x)
 
 
+class Phi3LMHead(nn.Linear):
+    """The output head, `logits = h @ W.T` (an `nn.Linear`, key `lm_head.weight`); `loss` is the chunked
+    cross-entropy through it, a method of the head so that FSDP2 gathers the head for the loss alone
+    (`lora.phi3.fsdp` registers it as a forward method)."""
+
+    def loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, *, chunk_size: int, reduction: str
+    ) -> torch.Tensor:
+        """`chunked_cross_entropy(hidden, self.weight, targets)`; `hidden` `(N, H)`, `targets` `(N,)`."""
+        return chunked_cross_entropy(hidden, self.weight, targets, chunk_size=chunk_size, reduction=reduction)
+
+
 class Phi3ForCausalLM(nn.Module):
     """Phi-3 language model: `logits = lm_head(Phi3Model(input_ids))`, keys as in the Hub checkpoints.
 
@@ -324,7 +337,7 @@ class Phi3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Phi3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Phi3LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.name_or_path: str | None = None
@@ -400,10 +413,6 @@ class Phi3ForCausalLM(nn.Module):
         targets = labels[:, 1:].reshape(-1)  # (B * (T - 1),)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B * (T - 1), hidden)
         keep = targets != -100
-        return chunked_cross_entropy(
-            hidden[keep],
-            self.lm_head.weight,
-            targets[keep],
-            chunk_size=self.loss_chunk_size,
-            reduction=reduction,
+        return self.lm_head.loss(
+            hidden[keep], targets[keep], chunk_size=self.loss_chunk_size, reduction=reduction
         )
