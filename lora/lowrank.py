@@ -237,9 +237,10 @@ class _LowRankLinear(torch.autograd.Function):
         dB = torch.empty(B.shape, dtype=grad_dtype, device=dy.device)
         xa_grad = xa.to(grad_dtype)
         for s in slices:
-            dy_j, cols, rows = dy[:, s.offset : s.offset + s.size], slice(s.index * s.r, (s.index + 1) * s.r), s.row
-            g[:, cols].addmm_(dy_j, B[rows : rows + s.size], beta=0.0, alpha=scaling / (1.0 - p))
-            dB[rows : rows + s.size].t().addmm_(xa_grad[:, cols].t(), dy_j.to(grad_dtype), beta=0.0, alpha=scaling)
+            dy_j = dy[:, s.offset : s.offset + s.size]
+            cols, rows = slice(s.index * s.r, (s.index + 1) * s.r), slice(s.row, s.row + s.size)  # A block, B rows
+            g[:, cols].addmm_(dy_j, B[rows], beta=0.0, alpha=scaling / (1.0 - p))
+            dB[rows].t().addmm_(xa_grad[:, cols].t(), dy_j.to(grad_dtype), beta=0.0, alpha=scaling)
         dB = dB.to(lora_B.dtype)
 
         dropped_x = x
