@@ -81,7 +81,7 @@ def native_bf16() -> tuple[bool, str]:
 
 def seeded_adapters(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], b_std: float = 0.01) -> None:
     """Give every (A, B) the same values in both stacks: drawn from a generator seeded per module name (B
-    normal with std ``b_std``, zero for 0)."""
+    normal with std `b_std`, zero for 0)."""
     for name, a, b in pairs:
         generator = torch.Generator().manual_seed(sum(name.encode()) * 1000 + len(name))
         with torch.no_grad():

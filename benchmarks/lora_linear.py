@@ -1,20 +1,20 @@
 """Forward + backward of one LoRA linear layer at Phi-3-mini's shapes, against the frozen layer.
 
-Times ``y = layer(x); y.backward(dy)`` with the input requiring grad and the base frozen, for:
+Times `y = layer(x); y.backward(dy)` with the input requiring grad and the base frozen, for:
 
-- ``floor``: the frozen ``nn.Linear`` alone (forward + input gradient);
-- ``lora``: ``lora.Linear`` (and ``lora.MergedLinear`` with q|k|v slices on the fused qkv shape);
-- ``peft``: PEFT's LoRA layer via ``get_peft_model`` (float32 adapters, as PEFT makes them);
-- ``loralib``: loralib 0.1.2's ``Linear`` / ``MergedLinear`` (its adapters take the base's dtype);
-- ``lora dora`` / ``peft dora``: DoRA (``use_dora=True``) in each, compared with each other.
+- `floor`: the frozen `nn.Linear` alone (forward + input gradient);
+- `lora`: `lora.Linear` (and `lora.MergedLinear` with q|k|v slices on the fused qkv shape);
+- `peft`: PEFT's LoRA layer via `get_peft_model` (float32 adapters, as PEFT makes them);
+- `loralib`: loralib 0.1.2's `Linear` / `MergedLinear` (its adapters take the base's dtype);
+- `lora dora` / `peft dora`: DoRA (`use_dora=True`) in each, compared with each other.
 
 Variants run interleaved, round after round (each round starting at the next variant), so the machine's
 noise hits them alike; each cell is the median over rounds of the ratio to the floor's time in the same
 round, with the spread (25th-75th percentile of those ratios) and a 95% confidence interval for that median
 (distribution-free, from order statistics). A target counts as met only when the whole interval is under it,
 missed when the whole interval is over it, and undecided otherwise; the comparisons with PEFT and loralib
-(``x peft``, ``x loralib``) are read the same way from the per-round ratio of the two layers' times.
-``saved MB`` is what a layer keeps for backward beyond the floor: the tensors autograd saves, counted once
+(`x peft`, `x loralib`) are read the same way from the per-round ratio of the two layers' times.
+`saved MB` is what a layer keeps for backward beyond the floor: the tensors autograd saves, counted once
 per storage, not counting the input or the parameters.
 
     python benchmarks/lora_linear.py            # full: 512 tokens, r=16, alpha=32, float32 (+ bf16, + a float32
@@ -111,7 +111,7 @@ def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float) -> 
 
 
 def saved_bytes(step_forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward after one forward, once per storage, ``exclude`` (inputs, parameters)
+    """Bytes autograd keeps for backward after one forward, once per storage, `exclude` (inputs, parameters)
     not counted. Also used by train_step.py."""
     seen = {t.untyped_storage().data_ptr() for t in exclude}
     total = 0
