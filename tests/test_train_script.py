@@ -163,9 +163,12 @@ def test_non_phi3_model_directory(tmp_path, small_eval):
 
 
 def test_config_file_json_and_toml_with_command_line_precedence(tmp_path):
-    (tmp_path / "c.toml").write_text('max_steps = 7\n[peft_config]\nr = 2\nlora_alpha = 4\n')
+    # A PEFT recipe's bias and task_type load with the one value each has here (and are not settings of their own).
+    (tmp_path / "c.toml").write_text('max_steps = 7\n[peft_config]\nr = 2\nlora_alpha = 4\nbias = "none"\n'
+                                     'task_type = "CAUSAL_LM"\n')
     config, _ = train_phi3.resolve_config(["--config", str(tmp_path / "c.toml"), "--lora-alpha", "6"])
     assert (config.max_steps, config.r, config.lora_alpha) == (7, 2, 6)
+    assert not hasattr(config, "bias") and not hasattr(config, "task_type")
     assert config.learning_rate == train_phi3.EMBEDDED_OVERRIDES["learning_rate"]
     (tmp_path / "c.json").write_text(json.dumps({"training_config": {"model": "somewhere"}}))
     config, _ = train_phi3.resolve_config(["--config", str(tmp_path / "c.json")])
@@ -304,6 +307,7 @@ def test_no_abbreviations_and_transformers_spellings(tmp_path):
         ('target_modules = "o_proj"\n', ".toml",
          'target_modules must be a list of module names .*write \\["o_proj"\\]'),
         ('{"peft_config": 3}', ".json", "peft_config must be a table of settings"),
+        ('{"peft_config": {"bias": "lora_only"}}', ".json", "bias can only be 'none' here, got 'lora_only'"),
     ],
 )
 def test_config_file_values_of_the_wrong_type(tmp_path, text, suffix, message):
