@@ -66,11 +66,15 @@ def from_pretrained_sharded(
     prepare: Callable[[Phi3ForCausalLM], Any] | None = None,
     mesh: Any = None,
     reshard_after_forward: bool = True,
+    backward_prefetch: bool | None = None,
 ) -> Phi3ForCausalLM:
     """Load a Phi-3 checkpoint sharded over the default process group (or `mesh`), in the order above.
 
     Every rank must call it. `prepare` patches the meta model (say `lambda m: patch(m, r=16)`); `device` is
-    this rank's (cpu with gloo, `cuda:LOCAL_RANK` with nccl).
+    this rank's (cpu with gloo, `cuda:LOCAL_RANK` with nccl). `backward_prefetch` (default: on a GPU, not on
+    a CPU) gathers the next decoder layer while the current one computes its backward: on a GPU that hides
+    the gather behind the computation; gloo's gathers on CPU do not overlap computation, so there it would
+    only hold one more layer whole.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from torch.distributed.tensor import DTensor, Shard, init_device_mesh
@@ -98,6 +102,9 @@ def from_pretrained_sharded(
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if not (device.type != "cpu" if backward_prefetch is None else backward_prefetch):
+        for layer in model.model.layers:  # an explicit prefetch of itself, gathered already: no prefetch
+            layer.set_modules_to_backward_prefetch([layer])
     # The embedding and the head are units of their own, gathered only while they compute. Neither needs its
     # weight in backward (the embedding is frozen; the chunked loss computes its gradients in forward), so
     # neither is gathered again there, nor for the whole forward and backward as the root's would be.
