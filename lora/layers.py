@@ -133,9 +133,8 @@ class LoRALayer:
     merged: bool
     merge_weights: bool
 
-    def __init__(
-        self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, *, use_rslora: bool = False
-    ) -> None:
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, *, use_rslora: bool = False
+                ) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         check_flags(use_rslora=use_rslora, merge_weights=merge_weights)
         r = int(r)
@@ -488,21 +487,10 @@ class Linear(LoRALayer, nn.Linear):
     torch.Size([4, 32])
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        merge_weights: bool = True,
-        *,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True, *,
+                 use_rslora: bool = False, use_dora: bool = False, adapter_dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         hyper = _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self._construct_linear(in_features, out_features, kwargs, hyper, fan_in_fan_out, use_dora, adapter_dtype, {})
@@ -520,19 +508,9 @@ class Linear(LoRALayer, nn.Linear):
             self._enable_dora()
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Linear,
-        *,
-        r: int,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-    ) -> Linear:
+    def from_module(cls, module: nn.Linear, *, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    fan_in_fan_out: bool = False, merge_weights: bool = True, use_rslora: bool = False,
+                    use_dora: bool = False, adapter_dtype: torch.dtype | None = None) -> Linear:
         """Wrap `module` without copying: the layer shares its `weight` and `bias` Parameters.
 
         The base is not re-initialised; the adapters start as in the constructor (B = 0, so the
@@ -832,23 +810,10 @@ class MergedLinear(Linear):
     ((8, 64), (96, 4))
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        enable_lora: Sequence[bool] = (False,),
-        fan_in_fan_out: bool = False,
-        merge_weights: bool = True,
-        *,
-        split_sizes: Sequence[int] | None = None,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
+                 merge_weights: bool = True, *, split_sizes: Sequence[int] | None = None, use_rslora: bool = False,
+                 use_dora: bool = False, adapter_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         enable_lora, split_sizes = self._check_slices(out_features, r, enable_lora, split_sizes)
         hyper = _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora)
@@ -857,18 +822,9 @@ class MergedLinear(Linear):
 
     @classmethod
     def from_module(  # type: ignore[override]
-        cls,
-        module: nn.Linear,
-        split_sizes: Sequence[int],
-        *,
-        r: int,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        enable_lora: Sequence[bool] | None = None,
-        fan_in_fan_out: bool = False,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
+        cls, module: nn.Linear, split_sizes: Sequence[int], *, r: int, lora_alpha: float = 1,
+        lora_dropout: float = 0.0, enable_lora: Sequence[bool] | None = None, fan_in_fan_out: bool = False,
+        merge_weights: bool = True, use_rslora: bool = False, use_dora: bool = False,
         adapter_dtype: torch.dtype | None = None,
     ) -> MergedLinear:
         """Wrap a fused `nn.Linear` without copying; `split_sizes` are its output slices.
@@ -936,18 +892,9 @@ class Embedding(LoRALayer, nn.Embedding):
     with `r > 0`.
     """
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        r: int = 0,
-        lora_alpha: float = 1,
-        merge_weights: bool = True,
-        *,
-        use_rslora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
+                 merge_weights: bool = True, *, use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
         self._check_sparse(r, lora_alpha, kwargs.get("sparse"))
         padding_idx = kwargs.get("padding_idx")
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
@@ -957,16 +904,8 @@ class Embedding(LoRALayer, nn.Embedding):
                         _Hyper(r, lora_alpha, 0.0, merge_weights, use_rslora), adapter_dtype)
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Embedding,
-        *,
-        r: int,
-        lora_alpha: float = 1,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-    ) -> Embedding:
+    def from_module(cls, module: nn.Embedding, *, r: int, lora_alpha: float = 1, merge_weights: bool = True,
+                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> Embedding:
         """Wrap `module` without copying: the layer shares its `weight` Parameter."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"Embedding.from_module expects an nn.Embedding; got {type(module).__name__}")
@@ -1053,21 +992,9 @@ class ConvLoRA(LoRALayer):
             cls = ConvLoRA._conv_types[conv_module]
         return super().__new__(cls)
 
-    def __init__(
-        self,
-        conv_module: type,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, ...],
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        merge_weights: bool = True,
-        *,
-        use_rslora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, conv_module: type, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...],
+                 r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0, merge_weights: bool = True, *,
+                 use_rslora: bool = False, adapter_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         check_hyperparameters(r, lora_alpha, lora_dropout)
         self._construct(lambda: conv_module.__init__(self, in_channels, out_channels, kernel_size, **kwargs),
                         _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), adapter_dtype,
@@ -1079,17 +1006,8 @@ class ConvLoRA(LoRALayer):
         return isinstance(kernel_size, int) and (issubclass(cls, nn.Conv2d) or kernel_size == 1)
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Module,
-        *,
-        r: int,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        adapter_dtype: torch.dtype | None = None,
-    ):
+    def from_module(cls, module: nn.Module, *, r: int, lora_alpha: float = 1, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, use_rslora: bool = False, adapter_dtype: torch.dtype | None = None):
         """Wrap an `nn.Conv1d/2d/3d` without copying; uses the true-rank parameterisation
         unless the kernel is square (and 2d) or 1, as the constructor does."""
         _refuse_lora_layer(cls, module)

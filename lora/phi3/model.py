@@ -168,14 +168,8 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_key_value_heads * self.head_dim
@@ -231,14 +225,8 @@ class Phi3DecoderLayer(nn.Module):
         self.resid_attn_dropout = _dropout(config.resid_pdrop)
         self.resid_mlp_dropout = _dropout(config.resid_pdrop)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.resid_attn_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
         return x + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
 
@@ -261,15 +249,9 @@ class Phi3Model(nn.Module):
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states; see `Phi3ForCausalLM.forward` for the arguments."""
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -352,17 +334,10 @@ class Phi3ForCausalLM(nn.Module):
     def gradient_checkpointing(self, enabled: bool) -> None:
         self.model.gradient_checkpointing = enabled
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        reduction: str = "mean",
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """Logits `(B, T, vocab)` for `input_ids` `(B, T)`; with `labels`, the loss instead (see `loss`).
 
         `model(ids, labels)` is what DDP wraps and FSDP2 hooks (their machinery runs on `forward`), as
