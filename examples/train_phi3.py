@@ -378,7 +378,7 @@ def finish(run: runs.RunDirectory, model: Phi3ForCausalLM, model_dir: Path, c: a
         written.append(("loss curve", "loss.png", ""))
     if c.merge:
         # merge_and_save copies the base's tokenizer files (byte_tokenizer.json for the embedded model).
-        if c.fsdp:
+        if procs.sharded:
             model, _ = load_model(model_dir, argparse.Namespace(**{**vars(c), "fsdp": False}), torch.device("cpu"))
             lora.load_adapter(model, work / "adapter.safetensors")
         difference = phi3.merge_and_save(model, work / "merged", overwrite=True)
@@ -424,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     params, optimizer, scheduler, warmup = make_optimizer(model, c, total_steps)
     data = runs.data_identity(c.data) if rank == 0 else {}
     start = runs.resume(checkpoint, model, optimizer, scheduler, total_steps=total_steps, data=data, data_path=c.data,
-                        sharded=c.fsdp) if checkpoint else 0
+                        sharded=procs.sharded) if checkpoint else 0
     trainer = (DistributedDataParallel(model, device_ids=[procs.device] if procs.device.type == "cuda" else None)
-               if world > 1 and not c.fsdp else model)
+               if world > 1 and not procs.sharded else model)
     run.open(vars(c), start, write=rank == 0)
     log.info("%d steps (%d per epoch), global batch %d, warmup %d, lr %.3g %s; %s", total_steps, steps_per_epoch,
              per_rank * world, warmup, c.learning_rate, c.lr_scheduler_type,
@@ -463,16 +463,17 @@ def main(argv: list[str] | None = None) -> int:
             evaluated = done % c.eval_steps == 0 or done == total_steps
             if evaluated:
                 loss_after, sample = evaluate_and_log(done, evaluation, model, procs, run)
-            if (rank == 0 or c.fsdp) and (done % c.save_steps == 0 or done == total_steps):
+            if (rank == 0 or procs.sharded) and (done % c.save_steps == 0 or done == total_steps):
                 saved = run.checkpoint_path(done)
                 runs.save_checkpoint(saved, step=done, total_steps=total_steps, model=model, optimizer=optimizer,
-                                     scheduler=scheduler, config=vars(c), data=data, sharded=c.fsdp, rank=rank)
+                                     scheduler=scheduler, config=vars(c), data=data, sharded=procs.sharded, rank=rank)
                 last_good, pending = (saved, None) if evaluated else (last_good, saved)
-                run.saved(saved, limit=c.save_total_limit, keep=last_good)
+                if rank == 0:  # pruning deletes: rank 0's directory only
+                    run.saved(saved, limit=c.save_total_limit, keep=last_good)
     except NonFiniteLoss as err:
         log.error("non-finite loss, stopping before the optimizer step: %s. Nothing was written for this step; "
                   "the last good checkpoint (one whose weights gave a finite loss) is %s%s", err,
-                  last_good or "none (no checkpoint had been saved yet)", "" if pending is None else
+                  last_good or "none (none has given a finite loss yet)", "" if pending is None else
                   f"; {pending} was saved but is not good: the loss computed with its weights is non-finite")
         return 1
     finally:

@@ -55,6 +55,17 @@ def main(tmp: Path) -> None:
         if param.requires_grad:
             # FSDP2 averages over ranks: each rank saw the same batch here.
             torch.testing.assert_close(full_tensor(sharded[name].grad), param.grad, msg=name)
+    # The logits path (`model(ids)` with gradients) gathers the lm_head again in backward, which the chunked loss
+    # does not need; then `model(ids, labels)` goes back to not gathering it. Both equal the unsharded model.
+    for step in ("logits", "labels"):
+        reference.zero_grad()
+        model.zero_grad()
+        for net in (reference, model):
+            out = net(ids).float().pow(2).mean() if step == "logits" else net(ids, ids, reduction="sum")
+            out.backward()
+        for name, param in reference.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(full_tensor(sharded[name].grad), param.grad, msg=f"{step}: {name}")
     # lora_state_dict gathers whole tensors; full=False leaves the shards.
     state = lora.lora_state_dict(model)
     assert state.keys() == lora.lora_state_dict(reference).keys()

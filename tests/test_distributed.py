@@ -4,6 +4,7 @@ with the same global batch; an FSDP run resumed from a checkpoint equals the uni
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,13 @@ def runs(tmp_path_factory) -> dict[str, Path | subprocess.CompletedProcess]:
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     result["fsdp_log"] = torchrun(*common, "--per-device-train-batch-size", "2", "--output-dir", tmp / "fsdp", "--fsdp",
                                   "--gradient-checkpointing", "--save-steps", "1", "--save-total-limit", "2", "--merge")
-    torchrun("--resume", tmp / "fsdp" / "checkpoints" / "step-000001", "--output-dir", tmp / "fsdp-resumed")
+    # Resumed in place, in a copy of the run without what step 2 wrote; --save-total-limit 1 prunes step 1 at the
+    # end, on rank 0 only (the other rank deleting it too would fail on a missing directory).
+    resumed = tmp / "fsdp-resumed"
+    shutil.copytree(tmp / "fsdp", resumed)
+    for name in ("adapter.safetensors", "adapter-peft", "merged", "checkpoints/step-000002"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    torchrun("--resume", resumed / "checkpoints" / "step-000001", "--output-dir", resumed, "--save-total-limit", "1")
     result["ddp-dora_log"] = torchrun(*common, "--use-dora", "--per-device-train-batch-size", "2",
                                       "--output-dir", tmp / "ddp-dora")
     single = subprocess.run([sys.executable, str(SCRIPT), *map(str, common), "--use-dora",
@@ -101,6 +108,7 @@ def test_fsdp_resume_equals_uninterrupted_run_bit_for_bit(runs):
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
     assert losses(runs, "fsdp-resumed")[-1] == losses(runs, "fsdp")[-1]
+    assert [p.name for p in (runs["tmp"] / "fsdp-resumed" / "checkpoints").iterdir()] == ["step-000002"]
 
 
 def test_dora_under_ddp_matches_one_process(runs):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lora.phi3.config import read_json
+from lora.phi3.loss import IGNORE_INDEX
 from lora.phi3.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "template_from_jinja",
 ]
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 

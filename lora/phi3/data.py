@@ -21,7 +21,8 @@ from typing import Literal
 
 import torch
 
-from lora.phi3.chat import IGNORE_INDEX, ChatTemplate, check_conversation, encode_chat
+from lora.phi3.chat import ChatTemplate, check_conversation, encode_chat
+from lora.phi3.loss import IGNORE_INDEX
 from lora.phi3.model import document_ids_from_positions
 from lora.phi3.tokenizer import Tokenizer
 

@@ -105,13 +105,24 @@ def from_pretrained_sharded(
     if not (device.type != "cpu" if backward_prefetch is None else backward_prefetch):
         for layer in model.model.layers:  # an explicit prefetch of itself, gathered already: no prefetch
             layer.set_modules_to_backward_prefetch([layer])
-    # The embedding and the head are units of their own, gathered only while they compute. Neither needs its
-    # weight in backward (the embedding is frozen; the chunked loss computes its gradients in forward), so
-    # neither is gathered again there, nor for the whole forward and backward as the root's would be.
-    for unit in (model.model.embed_tokens, model.lm_head):
+    # The embedding and the head are units of their own, gathered only while they compute, not for the whole
+    # forward and backward as the root's would be. The frozen embedding needs no weight in backward; nor does
+    # the head after the chunked loss, which computes its gradients in forward. After a logits forward
+    # (`model(ids)` with gradients), the head's backward needs its weight: it is gathered again then.
+    head = model.lm_head
+    for unit in (model.model.embed_tokens, head):
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
         unit.set_unshard_in_backward(False)
-    register_fsdp_forward_method(model.lm_head, "loss")
+    head.register_forward_pre_hook(lambda module, args: module.set_unshard_in_backward(True)
+                                   if torch.is_grad_enabled() else None)
+    chunked_loss = head.loss
+
+    def loss_without_regather(*args: Any, **kwargs: Any) -> torch.Tensor:
+        head.set_unshard_in_backward(False)
+        return chunked_loss(*args, **kwargs)
+
+    head.loss = loss_without_regather
+    register_fsdp_forward_method(head, "loss")
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     register_fsdp_forward_method(model, "loss")
 

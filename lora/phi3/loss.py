@@ -12,7 +12,9 @@ from typing import Literal
 
 import torch
 
-__all__ = ["chunked_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "chunked_cross_entropy"]
+
+IGNORE_INDEX = -100  # a label the loss skips (transformers' and PyTorch's convention)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora.phi3.config import Phi3Config
-from lora.phi3.loss import chunked_cross_entropy
+from lora.phi3.loss import IGNORE_INDEX, chunked_cross_entropy
 
 __all__ = [
     "KVCache",
@@ -387,7 +387,7 @@ class Phi3ForCausalLM(nn.Module):
         )
         targets = labels[:, 1:].reshape(-1)  # (B * (T - 1),)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B * (T - 1), hidden)
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         return self.lm_head.loss(
             hidden[keep], targets[keep], chunk_size=self.loss_chunk_size, reduction=reduction
         )

@@ -183,11 +183,13 @@ class Metrics:
         self.later = [r for r in records if r.get("step", 0) > start]
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record` (it has a `step`), dropping an earlier run's records up to that step; rewrite the file."""
         self.records.append(record)
         self.later = [r for r in self.later if r["step"] > record["step"]]
         self._save()
 
     def finish(self) -> None:
+        """The run is complete: drop what is left of an earlier run's records; rewrite the file."""
         self.later = []
         self._save()
 
@@ -227,8 +229,9 @@ class RunDirectory:
     """Where a run writes (`path`): `out` itself, or a sibling `out.next-XXXX` that replaces `out` once complete.
 
     `plan` decides before anything is loaded (a refused `out` fails fast); `open` (rank 0) creates the directory
-    and `metrics`; `save` writes a checkpoint and prunes; `complete` drops what is left of an earlier trajectory
-    and puts a replacement in `out`'s place.
+    and `metrics`; `checkpoint_path` says where a step's checkpoint goes and `saved` records one and prunes
+    (rank 0 only: it deletes); `complete` drops what is left of an earlier trajectory and puts a replacement in
+    `out`'s place.
     """
 
     def __init__(self, out: Path, in_place: Path | None) -> None:
@@ -287,6 +290,7 @@ class RunDirectory:
                             if int(p.name.removeprefix("step-")) <= start]
 
     def checkpoint_path(self, step: int) -> Path:
+        """`checkpoints/step-NNNNNN` of this run's directory (rank 0's: the other ranks never write)."""
         return self.path / "checkpoints" / f"step-{step:06d}"
 
     def saved(self, checkpoint: Path, *, limit: int, keep: Path | None) -> None:

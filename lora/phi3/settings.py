@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -104,7 +104,7 @@ class Settings:
     def __getitem__(self, name: str) -> Setting:
         return self.table[name]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Setting]:
         return iter(self.table.values())
 
     def defaults(self, group: str | None = None) -> dict[str, Any]:
@@ -116,7 +116,7 @@ class Settings:
         (say `{"embedded model": {"learning_rate": 3e-3}}`)."""
         parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
                                          allow_abbrev=False)
-        groups: dict[str, argparse._ArgumentGroup] = {}
+        groups: dict[str, Any] = {}  # group name: its argparse group
         for s in self:
             options = groups.get(s.group) or groups.setdefault(s.group, parser.add_argument_group(s.group))
             extra = "".join(f"; {label}: {values[s.name]}" for label, values in (notes or {}).items()
