@@ -38,11 +38,11 @@ from lora.phi3 import PatchSummary, Phi3Config, Phi3ForCausalLM
 from lora.phi3 import run_directory as runs
 from lora.phi3.chat import TEMPLATES, ChatTemplate, stop_token_ids, template_from_checkpoint
 from lora.phi3.data import LENGTH_POLICIES, Example, step_indices, unigram_loss
-from lora.phi3.distributed import Processes, check_replicas_agree, setup_processes, shutdown_processes
+from lora.phi3.distributed import Processes, check_device, check_replicas_agree, setup_processes, shutdown_processes
 from lora.phi3.evaluation import Evaluation
 from lora.phi3.fsdp import from_pretrained_sharded
 from lora.phi3.schedule import SCHEDULES, make_schedule
-from lora.phi3.settings import Setting, Settings, check_device
+from lora.phi3.settings import Setting, Settings
 from lora.phi3.tokenizer import ByteTokenizer, load_tokenizer
 from lora.quant import require_bitsandbytes
 from lora.sharding import full_tensor

@@ -18,7 +18,7 @@ from torch import nn
 
 import lora
 
-__all__ = ["Processes", "check_replicas_agree", "setup_processes", "shutdown_processes"]
+__all__ = ["Processes", "check_device", "check_replicas_agree", "setup_processes", "shutdown_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,26 @@ class Processes:
     def rng_devices(self) -> list[torch.device]:
         """What `torch.random.fork_rng` must fork besides the CPU generator."""
         return [self.device] if self.device.type == "cuda" else []
+
+
+def check_device(name: str) -> None:
+    """A ValueError unless `name` is auto or a device this PyTorch build has and this machine can use."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N, ...): {err}") from err
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    if backend is None or not hasattr(backend, "is_available"):
+        raise ValueError(f"--device {name}: this PyTorch build has no {device.type} support; use cpu or auto")
+    if not backend.is_available():
+        raise ValueError(f"--device {name}: {device.type.upper()} is not available on this machine "
+                         "(or this PyTorch build lacks it); use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def setup_processes(device_name: str = "auto", *, sharded: bool = False) -> Processes:

@@ -22,11 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from lora.phi3.config import read_json
 
-__all__ = ["Setting", "Settings", "check_device"]
+__all__ = ["Setting", "Settings"]
 
 Bounds = Literal["positive", "non-negative", "fraction"]
 _BOUND_TEXT = {"positive": "must be positive", "non-negative": "must be >= 0", "fraction": "must be in [0, 1)"}
@@ -190,23 +188,3 @@ class Settings:
                              f"contradict the checkpoint's settings "
                              f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); resuming keeps them")
         return {**saved, **given}
-
-
-def check_device(name: str) -> None:
-    """A ValueError unless `name` is auto or a device this PyTorch build has and this machine can use."""
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N, ...): {err}") from err
-    if device.type == "cpu":
-        return
-    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
-    if backend is None or not hasattr(backend, "is_available"):
-        raise ValueError(f"--device {name}: this PyTorch build has no {device.type} support; use cpu or auto")
-    if not backend.is_available():
-        raise ValueError(f"--device {name}: {device.type.upper()} is not available on this machine "
-                         "(or this PyTorch build lacks it); use cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
