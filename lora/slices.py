@@ -54,8 +54,9 @@ def slice_layout(split_sizes: Sequence[int], enable_lora: Sequence[bool], r: int
     return pair_layout(pairs, r)
 
 
-def pair_layout(pairs: Sequence[tuple[int, int]], r: int) -> tuple[LoRASlice, ...]:
-    """The `LoRASlice`s of `(offset, size)` pairs listed in `lora_B`'s row order (`lowrank_linear`'s `slices`)."""
+def pair_layout(pairs: Sequence[tuple[int, int]] | Sequence[LoRASlice], r: int) -> tuple[LoRASlice, ...]:
+    """The `LoRASlice`s of `(offset, size)` pairs listed in `lora_B`'s row order (`lowrank_linear`'s `slices`,
+    which takes either); a layout of `LoRASlice`s already is one and comes back as it is."""
     if pairs and isinstance(pairs[0], LoRASlice):
         return tuple(pairs)
     slices, row = [], 0
