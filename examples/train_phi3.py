@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_processes()
     return 0
 
+
 if __name__ == "__main__":
     try:
         sys.exit(main())

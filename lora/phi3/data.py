@@ -42,6 +42,7 @@ __all__ = [
 
 LENGTH_POLICIES = ("truncate", "drop")  # what `encode_conversations` does with a conversation too long
 
+
 @dataclass
 class Example:
     """One training row: token ids, labels (-100 where not learned) and position ids (None: 0, 1, 2, ...)."""
