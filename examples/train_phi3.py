@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     params, optimizer, scheduler, warmup = make_optimizer(model, c, total_steps)
     data = runs.data_identity(c.data) if rank == 0 else {}
     start = runs.resume(checkpoint, model, optimizer, scheduler, total_steps=total_steps, data=data, data_path=c.data,
-                        sharded=procs.sharded) if checkpoint else 0
+                        sharded=procs.sharded, rank=rank, processes=world) if checkpoint else 0
     trainer = (DistributedDataParallel(model, device_ids=[procs.device] if procs.device.type == "cuda" else None)
                if world > 1 and not procs.sharded else model)
     run.open(vars(c), start, write=rank == 0)
@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             if (rank == 0 or procs.sharded) and (done % c.save_steps == 0 or done == total_steps):
                 saved = run.checkpoint_path(done)
                 runs.save_checkpoint(saved, step=done, total_steps=total_steps, model=model, optimizer=optimizer,
-                                     scheduler=scheduler, config=vars(c), data=data, sharded=procs.sharded, rank=rank)
+                                     scheduler=scheduler, config=vars(c), data=data, sharded=procs.sharded, rank=rank,
+                                     processes=world)
                 last_good, pending = (saved, None) if evaluated else (last_good, saved)
                 if rank == 0:  # pruning deletes: rank 0's directory only
                     run.saved(saved, limit=c.save_total_limit, keep=last_good)

@@ -127,3 +127,13 @@ def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--fsdp shards the model across processes: run the script under torchrun"):
         train_phi3.main(["--fsdp", "--output-dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_another_number_of_processes_is_warned_about(runs, capsys):
+    # The DDP run's last checkpoint, continued in one process: it runs, and says it is not the saved run's
+    # continuation (the global batch, hence the data order, differ).
+    out = runs["tmp"] / "ddp-then-one"
+    assert train_phi3.main(["--resume", str(runs["tmp"] / "ddp"), "--max-steps", "3", "--output-dir", str(out)]) == 0
+    assert ("was saved by a run of 2 process(es), this one has 1: the global batch and the data order differ"
+            in capsys.readouterr().out)
+    assert (out / "checkpoints" / "step-000003" / "trainer_state.pt").is_file()

@@ -79,9 +79,9 @@ def data_identity(path: str | Path) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, *, step: int, total_steps: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any], data: dict[str, Any],
-                    sharded: bool = False, rank: int = 0) -> None:
-    """Adapter (our format), optimizer, scheduler, RNG states, step, plan, data identity and config at `path`,
-    replaced as a whole (`lora.atomic.atomic_directory`).
+                    sharded: bool = False, rank: int = 0, processes: int = 1) -> None:
+    """Adapter (our format), optimizer, scheduler, RNG states, step, plan, data identity, the number of
+    `processes` and config at `path`, replaced as a whole (`lora.atomic.atomic_directory`).
 
     `sharded` (FSDP): every rank calls it; the adapters and the optimizer state are gathered whole (the
     optimizer's keyed by parameter name, torch.distributed.checkpoint's full state dict) and rank 0 writes.
@@ -97,7 +97,7 @@ def save_checkpoint(path: Path, *, step: int, total_steps: int, model: nn.Module
     else:
         optimizer_state = optimizer.state_dict()
     state = {"step": step, "total_steps": total_steps, "optimizer": optimizer_state,
-             "scheduler": scheduler.state_dict(), "rng": rng, "data": data}
+             "scheduler": scheduler.state_dict(), "rng": rng, "data": data, "processes": processes}
     if rank != 0:  # FSDP: take part in the adapters' gather; rank 0 writes
         lora.save_adapter(model, path / "adapter.safetensors")
         return
@@ -136,20 +136,25 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def resume(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
            scheduler: torch.optim.lr_scheduler.LambdaLR, *, total_steps: int, data: dict[str, Any],
-           data_path: str | Path, sharded: bool = False) -> int:
-    """`load_checkpoint`, then the step to continue after: a ValueError if the run is already done, a warning
-    if the data file changed (`data`, its `data_identity`; `{}`: not checked), and the schedule re-planned
-    (`lora.phi3.schedule.replan`) when the run was extended beyond the checkpoint's planned total."""
+           data_path: str | Path, sharded: bool = False, rank: int = 0, processes: int = 1) -> int:
+    """`load_checkpoint`, then the step to continue after: a ValueError if the run is already done; warnings
+    (on rank 0) if the data file changed (`data`, its `data_identity`) or the number of `processes` did (the
+    global batch, hence the data order, then differ); the schedule re-planned (`lora.phi3.schedule.replan`)
+    when the run was extended beyond the checkpoint's planned total."""
     state = load_checkpoint(checkpoint, model, optimizer, scheduler, sharded=sharded)
     start, planned = state["step"], state.get("total_steps", total_steps)
     if start >= total_steps:
         raise ValueError(f"--resume {checkpoint}: already at step {start} of {total_steps}; a larger --max-steps "
                          "extends the run")
-    if data and state.get("data", data) != data:
+    if rank == 0 and state.get("data", data) != data:
         log.warning("--resume: %s changed since %s was saved (size %s -> %s bytes, SHA-256 %s... -> %s...); the run "
                     "continues by row index, so it is not the continuation of the saved one", data_path, checkpoint,
                     state["data"].get("size"), data["size"], str(state["data"].get("sha256"))[:12],
                     data["sha256"][:12])
+    if rank == 0 and state.get("processes", processes) != processes:
+        log.warning("--resume: %s was saved by a run of %d process(es), this one has %d: the global batch and the "
+                    "data order differ, so it is not the continuation of the saved run", checkpoint,
+                    state["processes"], processes)
     if planned != total_steps:
         lr = replan(scheduler, scheduler.lr_lambdas[0], start)
         log.info("schedule re-planned for %d steps (the checkpoint's run planned %d); lr %.3g at step %d",

@@ -18,6 +18,7 @@ from lora.phi3.run_directory import (
     load_checkpoint,
     plot_losses,
     prune_checkpoints,
+    resume,
     save_checkpoint,
 )
 
@@ -186,3 +187,28 @@ def test_complete_drops_an_earlier_trajectory_s_checkpoints_past_the_resumed_ste
     assert run.checkpoints == [out / "checkpoints" / "step-000002"]
     assert run.complete({}) == out
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_resume_refuses_a_finished_run_warns_about_changes_and_replans(tmp_path, caplog):
+    model, optimizer, scheduler = trainer()
+    step(model, optimizer, scheduler)
+    path = tmp_path / "step-000001"
+    save_checkpoint(path, step=1, total_steps=2, model=model, optimizer=optimizer, scheduler=scheduler, config={},
+                    data={"size": 1, "sha256": "a" * 64}, processes=2)
+    with pytest.raises(ValueError, match="already at step 1 of 1; a larger --max-steps extends the run"):
+        resume(path, *trainer(), total_steps=1, data={}, data_path="d.jsonl")
+    model, optimizer, _ = trainer()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / 4)  # the extended run's schedule
+    with caplog.at_level("INFO", logger="lora.phi3.run_directory"):
+        start = resume(path, model, optimizer, scheduler, total_steps=4, data={"size": 2, "sha256": "b" * 64},
+                       data_path="d.jsonl", processes=1)
+    assert start == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.75)
+    text = caplog.text
+    assert "d.jsonl changed since" in text and "size 1 -> 2 bytes" in text
+    assert "was saved by a run of 2 process(es), this one has 1: the global batch and the data order differ" in text
+    assert "schedule re-planned for 4 steps (the checkpoint's run planned 2)" in text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lora.phi3.run_directory"):
+        resume(path, *trainer(), total_steps=2, data={"size": 2, "sha256": "b" * 64}, data_path="d.jsonl", rank=1,
+               processes=1)
+    assert caplog.text == ""  # the other ranks stay quiet
