@@ -7,11 +7,10 @@
     python examples/train_phi3.py --resume runs/phi3-lora/checkpoints/step-000100
     python examples/train_phi3.py --model Phi-3-mini-4k-instruct --dtype bfloat16 --load-in-4bit  # QLoRA (NF4)
 
-Only the LoRA adapters train (AdamW, warmup + cosine, accumulation, clipping); the loss covers assistant
-tokens only, each turn's `<|end|>` included. Output (rank 0 only): metrics.jsonl, checkpoints/step-N/
-(adapter, optimizer, scheduler, RNG, step, config; written atomically), adapter.safetensors (ours),
-adapter-peft/ (PEFT's format), loss.png (with matplotlib), merged/ (with --merge).
-The last line printed is `eval loss: BEFORE -> AFTER (-P%)`. See docs/training.md.
+Only the LoRA adapters train (AdamW, warmup + cosine, accumulation, clipping); the loss covers assistant tokens
+only, each turn's `<|end|>` included. Output (rank 0 only): metrics.jsonl, checkpoints/step-N/ (adapter, optimizer,
+scheduler, RNG, step, config; written atomically), adapter.safetensors (ours), adapter-peft/ (PEFT's format),
+loss.png (with matplotlib), merged/ (with --merge). Last line: `eval loss: BEFORE -> AFTER (-P%)` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -180,13 +179,17 @@ def check_config(c: argparse.Namespace) -> None:
 # --- Setup: model and tokenizer.
 def embedded_model_dir() -> Path:
     """The tiny random Phi-3 (config/tiny-phi3.json, float32, seed 1234), written once as a checkpoint directory."""
+    tiny = json.loads((HERE / "config" / "tiny-phi3.json").read_text())
     if (EMBEDDED_DIR / "config.json").is_file():
+        cached = Phi3Config.from_json(EMBEDDED_DIR / "config.json")
+        if any(getattr(cached, key) != value for key, value in tiny.items()):
+            raise ValueError(f"{EMBEDDED_DIR} was built from another config/tiny-phi3.json: delete it to rebuild it")
         return EMBEDDED_DIR
     # On a forked RNG: the run's own stream (adapter init, data order, dropout) must not depend on whether
     # this call found the checkpoint already written.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        model = Phi3ForCausalLM(Phi3Config(**json.loads((HERE / "config" / "tiny-phi3.json").read_text())))
+        model = Phi3ForCausalLM(Phi3Config(**tiny))
     # A frozen random head behind RMSNorm can only reach logits up to |w| sqrt(hidden): with nn.Linear's init
     # that is ~6, too flat to ever be confident. 3x wider rows let LoRA reach sharp predictions; the untrained
     # loss is then above uniform (about 7.1 vs ln 264 = 5.6), so the unigram loss is printed as the reference.
@@ -245,8 +248,7 @@ def load_chat_tokenizer(path: Path, vocab_size: int, template_name: str) -> tupl
 
 # --- Data and eval.
 def load_data(c: argparse.Namespace, tokenizer: Any, template: ChatTemplate) -> tuple[list[Example], list[Example]]:
-    """The train rows (packed with --packing) and the eval rows: read, checked, tokenised, the length policy
-    logged."""
+    """The train rows (packed with --packing) and the eval rows: read, checked, tokenised, logged."""
     rows = []
     for path, name in ((c.data, "train"), (c.eval_data, "eval")):
         examples, stats = phi3.encode_conversations(phi3.read_conversations(path), tokenizer, template,

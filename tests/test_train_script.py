@@ -331,3 +331,13 @@ def test_writing_the_embedded_checkpoint_leaves_the_run_s_random_stream_alone(tm
     # and what was written is the same model as the shared one
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / "tiny-phi3" / name).read_bytes() == (cached / name).read_bytes(), name
+
+
+def test_an_embedded_checkpoint_built_from_another_tiny_config_is_a_clear_error(tmp_path, monkeypatch):
+    from lora.phi3 import Phi3Config, Phi3ForCausalLM, save_pretrained
+
+    monkeypatch.setattr(train_phi3, "EMBEDDED_DIR", tmp_path / "tiny-phi3")
+    tiny = json.loads((ROOT / "examples" / "config" / "tiny-phi3.json").read_text())
+    save_pretrained(Phi3ForCausalLM(Phi3Config(**{**tiny, "num_hidden_layers": 1})), tmp_path / "tiny-phi3")
+    with pytest.raises(ValueError, match="tiny-phi3 was built from another config/tiny-phi3.json: delete it"):
+        train_phi3.embedded_model_dir()
