@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_phi3.py"
 sys.path.insert(0, str(ROOT / "examples"))
 import train_phi3  # noqa: E402
+from test_train_script import assert_resume_is_bit_identical  # noqa: E402
 
 pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
 
@@ -64,13 +65,7 @@ def test_resume_is_bit_identical_with_checkpointing_and_packing(tmp_path, data):
     common = [*FAST, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3", "--logging-steps", "1",
               "--eval-data", data, "--data", data, "--per-device-train-batch-size", "2", "--lora-dropout", "0.1",
               "--gradient-checkpointing", "--packing", "--bnb-4bit-quant-type", "fp4", "--no-bnb-4bit-use-double-quant"]
-    assert main(*common, "--output-dir", tmp_path / "full") == 0
-    assert main("--resume", tmp_path / "full" / "checkpoints" / "step-000002", "--output-dir", tmp_path / "resumed",
-                "--no-progress") == 0
-    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
-    assert [r["loss"] for r in full if r["step"] > 2 and "loss" in r] == [r["loss"] for r in resumed if "loss" in r]
-    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "resumed" / "adapter.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bit_identical(tmp_path, common)
     config = json.loads((tmp_path / "resumed" / "train_config.json").read_text())
     assert config["bnb_4bit_quant_type"] == "fp4" and config["bnb_4bit_use_double_quant"] is False
     with pytest.raises(ValueError, match=re.escape("load_in_4bit=False contradict the checkpoint's settings")):

@@ -87,18 +87,25 @@ def test_help_documents_every_option(capsys):
         assert option in text, option
 
 
+def assert_resume_is_bit_identical(tmp_path: Path, common: list) -> dict[str, torch.Tensor]:
+    """Train 4 steps (checkpoints at 2 and 4), resume the step-2 checkpoint elsewhere: the same later losses and
+    the same adapter bits. Returns the adapter."""
+    assert train_phi3.main([str(a) for a in [*common, "--output-dir", tmp_path / "full"]]) == 0
+    assert train_phi3.main([str(a) for a in ["--resume", tmp_path / "full" / "checkpoints" / "step-000002",
+                                             "--output-dir", tmp_path / "resumed", "--no-progress"]]) == 0
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in full if r["step"] > 2 and "loss" in r] == [r["loss"] for r in resumed if "loss" in r]
+    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "resumed" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_resume_continues_bit_identically(tmp_path, small_eval, dora):
     common = [*FAST, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3", "--logging-steps", "1",
               "--eval-data", small_eval, "--lora-dropout", "0.1",  # dropout: the RNG state must be restored too
               *(["--use-dora"] if dora else [])]
-    assert main(*common, "--output-dir", tmp_path / "full") == 0
-    assert main("--resume", tmp_path / "full" / "checkpoints" / "step-000002", "--output-dir", tmp_path / "resumed",
-                "--no-progress") == 0
-    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
-    assert [r["loss"] for r in full if r["step"] > 2 and "loss" in r] == [r["loss"] for r in resumed if "loss" in r]
-    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "resumed" / "adapter.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = assert_resume_is_bit_identical(tmp_path, common)
     assert any(k.endswith("lora_magnitude") for k in a) == dora
     peft_config = json.loads((tmp_path / "full" / "adapter-peft" / "adapter_config.json").read_text())
     assert peft_config["use_dora"] is dora
