@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import lowrank, quant
-from .lowrank import autocast_enabled, compute_dtype, dropout_positions, lowrank_linear, no_autocast
+from .lowrank import autocast_enabled, compute_dtype, lowrank_linear, no_autocast
 from .slices import LoRASlice, slice_layout
 
 __all__ = [
@@ -702,7 +702,7 @@ class Linear(LoRALayer, nn.Linear):
         col_scale = None
         if self.use_dora:
             col_scale = self.lora_magnitude / self.dora_norm()  # m / n, n detached (DoRA, section 4.3)
-            if custom_dropout or p > 0.0:
+            if custom_dropout:
                 return self._dora_with_dropout(x, col_scale)
         elif custom_dropout:
             return self._forward_reference(x)
@@ -720,24 +720,14 @@ class Linear(LoRALayer, nn.Linear):
         )
 
     def _dora_with_dropout(self, x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-        """PEFT's DoRA with dropout, in plain autograd: `W x + b + (c - 1) W drop(x) + c s B A drop(x)` per
-        adapted column, `c = m / n`. The frozen GEMM runs twice (on `x` and on `drop(x)`), as in PEFT.
-
-        `nn.Dropout` drops the elements the hand-written path would (positions from one seed of torch's
-        default generator), so the two paths draw alike.
-        """
+        """PEFT's DoRA with a custom `lora_dropout` module, in plain autograd: `W x + b + (c - 1) W drop(x) +
+        c s B A drop(x)` per adapted column, `c = m / n`."""
         dtype = compute_dtype(x)
         with no_autocast(x.device):
             x = x.to(dtype)
             weight = self._weight_out_in().to(dtype)
             bias = None if self.bias is None else self.bias.to(dtype)
-            if isinstance(self.lora_dropout, nn.Dropout):
-                p = self._lora_dropout_p()
-                dropped = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-                dropped.view(-1)[dropout_positions(lowrank.new_seed(), x.numel(), p, x.device)] = True
-                x_drop = x.masked_fill(dropped, 0) * (1.0 / (1.0 - p))
-            else:
-                x_drop = self.lora_dropout(x)
+            x_drop = self.lora_dropout(x)
             base, on_dropped = F.linear(x, weight, bias), F.linear(x_drop, weight)
             xa = x_drop @ self.lora_A.to(dtype).t()
             scale = col_scale.to(dtype)

@@ -165,16 +165,25 @@ class _LowRankLinear(torch.autograd.Function):
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
         A_t = A.t().contiguous()  # a contiguous A.T makes x @ A.T ~1.7x faster
-        xa = x @ A_t  # (N, r * len(slices))
-        positions = None
+        positions = kept = None
         if p > 0.0:
-            # drop(x) @ A.T = (x @ A.T - dropped @ A.T) / (1 - p); `dropped` is sparse (a fraction p of x).
             with one_thread(x.device):
                 positions = dropout_positions(seed, x.numel(), p, x.device)
-                values = torch.take(x, positions).to(wide)
-                A_wide_t = A_t if wide == dtype else lora_A.to(wide).t().contiguous()
-                correction = _dropped(positions, values, x.shape) @ A_wide_t
-            xa -= correction.to(dtype)
+        if p > 0.0 and col_scale is not None:
+            # DoRA with dropout multiplies W too by x with the dropped elements zeroed, so that copy is made anyway
+            kept = x.clone()
+            kept.view(-1).index_fill_(0, positions, 0)
+            xa = kept @ A_t
+        else:
+            xa = x @ A_t  # (N, r * len(slices))
+            if p > 0.0:
+                # drop(x) @ A.T = (x @ A.T - dropped @ A.T) / (1 - p); `dropped` is sparse (a fraction p of x).
+                with one_thread(x.device):
+                    values = torch.take(x, positions).to(wide)
+                    A_wide_t = A_t if wide == dtype else lora_A.to(wide).t().contiguous()
+                    correction = _dropped(positions, values, x.shape) @ A_wide_t
+                xa -= correction.to(dtype)
+        if p > 0.0:
             xa *= 1.0 / (1.0 - p)
 
         # The adapters' output first, then the frozen GEMM accumulates onto it (beta = 1): one rounding of the
@@ -183,7 +192,8 @@ class _LowRankLinear(torch.autograd.Function):
         # initialisation.
         n = x.shape[0]
         out = quant_state.shape[0] if quant_state is not None else weight.shape[1 if fan_in_fan_out else 0]
-        first_bias = None if col_scale is not None else bias  # DoRA scales W x + s B A x, not the bias
+        # DoRA without dropout scales W x + s B A x, and not the bias; with dropout it scales neither (below)
+        first_bias = bias if col_scale is None or p > 0.0 else None
         covered = first_bias is None and sum(s.size for s in slices) == out
         if covered:
             y = torch.empty(n, out, dtype=dtype, device=x.device)
@@ -196,7 +206,13 @@ class _LowRankLinear(torch.autograd.Function):
             y[:, s.offset : s.offset + s.size].addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r],
                                                       B[s.row : s.row + s.size].t(), beta=beta, alpha=scaling)
         unscaled = None
-        if col_scale is not None:
+        if col_scale is not None and p > 0.0:
+            # DoRA with dropout: the frozen GEMM runs here too, and v (W drop(x) + s B A drop(x), whose product
+            # with dy is c's gradient) is saved in place of the output: the only activation-sized tensor saved.
+            unscaled = _dora_dropout_forward(y, x, kept, weight.t() if fan_in_fan_out else weight, xa, B, scaling, p,
+                                             slices, col_scale)
+            del kept
+        elif col_scale is not None:
             # DoRA scales the frozen GEMM's output, so that GEMM runs here (otherwise just after the Function)
             frozen = weight if quant_state is None else _dequantized(weight, quant_state, dtype)
             y.addmm_(x, frozen if fan_in_fan_out else frozen.t())
@@ -224,8 +240,12 @@ class _LowRankLinear(torch.autograd.Function):
         dtype = dy.dtype
         dscale = None
         dy_out = dy  # the bias's gradient, which DoRA does not scale
+        dy_frozen = dy  # what the frozen weight's input gradient is taken of
         if col_scale is not None:
+            # dy * c: the gradient the LoRA maths below sees (and, without dropout, the frozen GEMM too)
             dscale, dy = _dora_backward(dy, y, bias, col_scale, slices, ctx.saved_unscaled)
+            if p == 0.0:
+                dy_frozen = dy
         # float16's range is too small for dA, dB (sums over every token of a scaled loss): float32 there.
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         A = lora_A.to(dtype)
@@ -259,16 +279,18 @@ class _LowRankLinear(torch.autograd.Function):
             if positions is None and dtype in (torch.bfloat16, torch.float16):
                 # In 16 bits the frozen GEMM runs faster writing (beta = 0) than accumulating, and the skinny
                 # adapter GEMM accumulates instead: 0.3-1% of a step at o_proj and down_proj in an A/B.
-                dx = dy @ frozen
+                dx = dy_frozen @ frozen
                 dx.addmm_(g, A)
             else:
                 if positions is None:
                     dx = g @ A
                 else:
                     dx = torch.mm(g, A, out=dropped_x)
+                    if col_scale is not None:
+                        _add_dora_dropout_grad(dx, dy_out, frozen, col_scale, slices, p)
                     dx.view(-1).index_fill_(0, positions, 0)
                 # The frozen layer's input gradient accumulates onto the adapter's: one GEMM, no extra pass.
-                dx.addmm_(dy, frozen)
+                dx.addmm_(dy_frozen, frozen)
         if ctx.needs_input_grad[1]:
             dweight = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -280,6 +302,36 @@ def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
     from lora.quant import dequantize  # bitsandbytes is imported only for a 4-bit weight
 
     return dequantize(packed, quant_state).to(dtype)
+
+
+def _dora_dropout_forward(y, x, kept, frozen, xa, B, scaling, p, slices, col_scale):
+    """Complete `y`, which holds the bias and `s B A drop(x)`, to PEFT's DoRA with dropout: per adapted column
+    `y = W x + b + (c - 1) * W drop(x) + c * s B A drop(x)` (`c = m / n`, `frozen` is W as (out, in)). Returns
+    `v = W drop(x) + s B A drop(x)` on the adapted columns (y's shape; other columns unset): `y` adds
+    `(c - 1) * v + s B A drop(x)`, the same sum, and `v` is the gradient's factor for `c`.
+
+    `W drop(x)` is a second frozen GEMM, on `kept` (`x` with the dropped elements zeroed): PyTorch's CPU sparse
+    kernels for the other form, `(W x - W D) / (1 - p)` with `D` the dropped elements, save little of that GEMM
+    at p = 0.05 and have no bf16 version.
+    """
+    v = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    minus_one = col_scale.to(x.dtype) - 1
+    for s in slices:
+        rows, columns = slice(s.row, s.row + s.size), slice(s.offset, s.offset + s.size)
+        v_j = v[:, columns]
+        v_j.addmm_(kept, frozen[columns].t(), beta=0.0)
+        v_j.addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r], B[rows].t(), beta=1.0 / (1.0 - p), alpha=scaling)
+        y[:, columns].addcmul_(v_j, minus_one[rows])
+    y.addmm_(x, frozen.t())  # last, onto the rest: where c = 1 the sum is rounded once, as for LoRA
+    return v
+
+
+def _add_dora_dropout_grad(dx, dy, frozen, col_scale, slices, p):
+    """Add the input gradient of DoRA's `(c - 1) * W drop(x)` term, before the dropped elements are zeroed."""
+    minus_one = col_scale.to(dy.dtype) - 1
+    for s in slices:
+        columns = slice(s.offset, s.offset + s.size)
+        dx.addmm_(dy[:, columns] * minus_one[s.row : s.row + s.size], frozen[columns], alpha=1.0 / (1.0 - p))
 
 
 def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[LoRASlice, ...]) -> None:
@@ -332,9 +384,9 @@ def lowrank_linear(
 ) -> torch.Tensor:
     """`x @ W.T + b` plus `scaling * (drop(x) @ A_j.T) @ B_j.T` added to each slice of the output.
 
-    `col_scale` (DoRA, without dropout): each adapted output column `i` (in `lora_B`'s row order) is
-    multiplied by `col_scale[i]` before the bias is added, `c * (W x + s B A x) + b`, and gets its
-    gradient.
+    `col_scale` (DoRA): `c`, one value for each adapted output column (in `lora_B`'s row order), which gets its
+    gradient: without dropout the column is `c * (W x + s B A x) + b`, with dropout PEFT's
+    `W x + b + (c - 1) * W drop(x) + c * s B A drop(x)`.
 
     `x` may have any leading dimensions. `p` is the dropout rate (0 in eval mode).
     `slices` lists the adapted output columns: a layer's `lora_slices` (`lora.slices.LoRASlice`), or
@@ -357,9 +409,6 @@ def lowrank_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = new_seed() if p > 0.0 else 0
-    if col_scale is not None and p > 0.0:
-        raise ValueError("lowrank_linear: col_scale (DoRA) is only computed here without dropout (p=0); "
-                         f"got p={p}")
     y = _apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale, quant_state)
     return y.view(*lead, y.shape[-1])
 

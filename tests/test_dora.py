@@ -170,6 +170,32 @@ def test_with_dropout_equals_the_formula_on_the_same_dropped_elements(monkeypatc
     assert_same_in_float64(layer, x, got, want)
 
 
+def test_with_dropout_saves_one_output_sized_tensor_and_no_copy_or_mask_of_the_input():
+    layer = lora.Linear(16, 12, r=2, lora_dropout=0.1, use_dora=True)
+    x = torch.randn(40, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert [t.data_ptr() for t in saved if t.shape == x.shape] == [x.data_ptr()]
+    assert sum(t.shape == y.shape for t in saved) == 1  # W drop(x) + s B A drop(x), c's gradient factor
+    assert not any(t.dtype == torch.bool for t in saved)
+    y.sum().backward()
+    assert x.grad is not None and layer.lora_magnitude.grad is not None
+
+
+def test_with_a_custom_dropout_module_equals_the_formula():
+    class Half(nn.Module):
+        def forward(self, x):
+            return x * 0.5
+
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4, lora_dropout=0.3, use_dora=True).double()
+    randomise(layer)
+    layer.lora_dropout = Half()
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert_same_in_float64(layer, x, layer(x), explicit(layer, x, x * 0.5))
+
+
 def test_with_dropout_has_peft_dora_statistics():
     # The same values through PEFT (its nn.Dropout) and ours (dropped positions), many draws each.
     torch.manual_seed(0)
