@@ -272,6 +272,16 @@ class _LowRankLinear(torch.autograd.Function):
         # (r * len(slices), in), computed as (x.T @ g).T: MKL runs this orientation of the skinny GEMM faster
         dA = (dropped_x.t().to(grad_dtype) @ g.to(grad_dtype)).t().to(lora_A.dtype)
         dx = dweight = dbias = None
+        if ctx.needs_input_grad[1]:  # a base weight left trainable; before dropped_x becomes dx
+            dweight = dy_frozen.t() @ x  # (out, in)
+            if col_scale is not None and p > 0.0:  # DoRA's (c - 1) * W drop(x)
+                minus_one = col_scale.to(dtype) - 1
+                for s in slices:
+                    columns = slice(s.offset, s.offset + s.size)
+                    dweight[columns].addmm_((dy_out[:, columns] * minus_one[s.row : s.row + s.size]).t(), dropped_x,
+                                            alpha=1.0 / (1.0 - p))
+            if ctx.fan_in_fan_out:
+                dweight = dweight.t()
         if ctx.needs_input_grad[0]:
             if ctx.quant_state is not None:
                 weight = _dequantized(weight, ctx.quant_state, dtype)
@@ -286,13 +296,11 @@ class _LowRankLinear(torch.autograd.Function):
                     dx = g @ A
                 else:
                     dx = torch.mm(g, A, out=dropped_x)
-                    if col_scale is not None:
-                        _add_dora_dropout_grad(dx, dy_out, frozen, col_scale, slices, p)
+                    if col_scale is not None:  # dy (dy * c) is spent: its buffer takes dy * (c - 1)
+                        _add_dora_dropout_grad(dx, dy_out, frozen, col_scale, slices, p, buffer=dy)
                     dx.view(-1).index_fill_(0, positions, 0)
                 # The frozen layer's input gradient accumulates onto the adapter's: one GEMM, no extra pass.
                 dx.addmm_(dy_frozen, frozen)
-        if ctx.needs_input_grad[1]:
-            dweight = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy_out.sum(0)
         return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None
@@ -326,12 +334,14 @@ def _dora_dropout_forward(y, x, kept, frozen, xa, B, scaling, p, slices, col_sca
     return v
 
 
-def _add_dora_dropout_grad(dx, dy, frozen, col_scale, slices, p):
-    """Add the input gradient of DoRA's `(c - 1) * W drop(x)` term, before the dropped elements are zeroed."""
+def _add_dora_dropout_grad(dx, dy, frozen, col_scale, slices, p, buffer):
+    """Add the input gradient of DoRA's `(c - 1) * W drop(x)` term, before the dropped elements are zeroed;
+    `buffer` (dy's shape) is overwritten."""
     minus_one = col_scale.to(dy.dtype) - 1
     for s in slices:
         columns = slice(s.offset, s.offset + s.size)
-        dx.addmm_(dy[:, columns] * minus_one[s.row : s.row + s.size], frozen[columns], alpha=1.0 / (1.0 - p))
+        scaled = torch.mul(dy[:, columns], minus_one[s.row : s.row + s.size], out=buffer[:, columns])
+        dx.addmm_(scaled, frozen[columns], alpha=1.0 / (1.0 - p))
 
 
 def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[LoRASlice, ...]) -> None:
@@ -351,21 +361,25 @@ def _dora_backward(dy, y, bias, col_scale, slices, y_is_unscaled):
     """DoRA's gradient for its column scale c, and dy * c (what the LoRA maths below then sees).
 
     dc = sum over tokens of dy * (W x + s B A x), with W x + s B A x = (y - b) / c from the saved output (or
-    saved as it is where some c is 0), summed in float32 (float64 for float64).
+    saved as it is where some c is 0, or with dropout the saved v), summed in float32 for a float16 dy and in
+    dy's dtype otherwise, as the adapters' gradients are.
     """
     unscaled = y if y_is_unscaled else (y - bias if bias is not None else y)
     scale, wide = col_scale.to(dy.dtype), torch.promote_types(dy.dtype, torch.float32)
-    dscale = torch.empty(col_scale.shape, dtype=wide, device=dy.device)
+    # float16's range is too small for a sum over tokens of a scaled loss's gradient; bfloat16 sums keep their
+    # dtype (accumulated in float32 inside), since a float32 result would first copy the whole product to float32
+    sum_dtype = torch.float32 if dy.dtype == torch.float16 else dy.dtype
+    dscale = torch.empty(col_scale.shape, dtype=sum_dtype, device=dy.device)
+    # One buffer holds the product dy * (W x + s B A x) for the sum, then dy * c: a fresh activation-sized
+    # tensor costs its page faults on first write, as much as the multiplication itself.
+    scaled = torch.empty_like(dy) if _whole(slices, dy.shape[1]) else dy.clone()
     for s in slices:
-        cols = slice(s.offset, s.offset + s.size)
-        # vecdot: one pass, no product tensor (a product and a float32 sum over dim 0 took 2-6x as long)
-        dscale[s.row : s.row + s.size] = torch.linalg.vecdot(dy[:, cols], unscaled[:, cols], dim=0)
+        cols, rows = slice(s.offset, s.offset + s.size), slice(s.row, s.row + s.size)
+        product = torch.mul(dy[:, cols], unscaled[:, cols], out=scaled[:, cols])
+        dscale[rows] = product.sum(0, dtype=sum_dtype)
+        torch.mul(dy[:, cols], scale[rows], out=scaled[:, cols])
     if not y_is_unscaled:
-        dscale /= col_scale.to(wide)
-    if _whole(slices, dy.shape[1]):
-        return dscale.to(col_scale.dtype), dy * scale
-    scaled = dy.clone()
-    _scale_columns(scaled, scale, slices)
+        dscale = dscale.to(wide) / col_scale.to(wide)
     return dscale.to(col_scale.dtype), scaled
 
 

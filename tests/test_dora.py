@@ -170,6 +170,24 @@ def test_with_dropout_equals_the_formula_on_the_same_dropped_elements(monkeypatc
     assert_same_in_float64(layer, x, got, want)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_base_weight_left_trainable_gets_the_formulas_gradient(monkeypatch, dropout):
+    monkeypatch.setattr(lowrank, "new_seed", lambda: SEED)
+    torch.manual_seed(0)
+    layer = lora.MergedLinear(8, 12, r=2, lora_alpha=4, lora_dropout=dropout, enable_lora=(True, False, True),
+                              use_dora=True, fan_in_fan_out=True).double()
+    randomise(layer)
+    layer.weight.requires_grad_(True)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    if dropout:
+        mask.view(-1)[dropout_positions(SEED, x.numel(), dropout, x.device)] = True
+    dy = torch.randn(5, 12, dtype=torch.float64)
+    got = torch.autograd.grad(layer(x), layer.weight, dy)[0]
+    want = torch.autograd.grad(explicit(layer, x, x.masked_fill(mask, 0) / (1 - dropout)), layer.weight, dy)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_with_dropout_saves_one_output_sized_tensor_and_no_copy_or_mask_of_the_input():
     layer = lora.Linear(16, 12, r=2, lora_dropout=0.1, use_dora=True)
     x = torch.randn(40, 16, requires_grad=True)
