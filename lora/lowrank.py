@@ -166,11 +166,10 @@ class _LowRankLinear(torch.autograd.Function):
         B = lora_B.to(dtype)
         A_t = A.t().contiguous()  # a contiguous A.T makes x @ A.T ~1.7x faster
         positions = kept = None
-        if p > 0.0:
-            with one_thread(x.device):
-                positions = dropout_positions(seed, x.numel(), p, x.device)
         if p > 0.0 and col_scale is not None:
             # DoRA with dropout multiplies W too by x with the dropped elements zeroed, so that copy is made anyway
+            with one_thread(x.device):
+                positions = dropout_positions(seed, x.numel(), p, x.device)
             kept = x.clone()
             kept.view(-1).index_fill_(0, positions, 0)
             xa = kept @ A_t
@@ -179,6 +178,7 @@ class _LowRankLinear(torch.autograd.Function):
             if p > 0.0:
                 # drop(x) @ A.T = (x @ A.T - dropped @ A.T) / (1 - p); `dropped` is sparse (a fraction p of x).
                 with one_thread(x.device):
+                    positions = dropout_positions(seed, x.numel(), p, x.device)
                     values = torch.take(x, positions).to(wide)
                     A_wide_t = A_t if wide == dtype else lora_A.to(wide).t().contiguous()
                     correction = _dropped(positions, values, x.shape) @ A_wide_t
