@@ -178,16 +178,16 @@ def main() -> int:
           f"{'native bf16 (' + why + ')' if native else why}; seq {SEQ}, r={R}, alpha={ALPHA}, "
           f"dropout 0, {torch.get_num_threads()} threads")
     failures, peft_gaps = [], []
-    layers, batch = short[0], short[3]
-    common, state = master_state(widths, layers)
-    noise = base_rounding(common, state, batch)
-    spread = statistics.stdev(noise)
-    print(f"\nthe bf16 base's rounding alone ({layers} layers, B = 0): each sequence's loss gap to float32 "
-          + " ".join(f"{g:+.1e}" for g in noise)
-          + f"; spread (standard deviation) {spread:.1e}, so {spread / batch ** 0.5:.1e} for the mean of {batch}")
     for layers, lr, steps, batch in (short, long):
-        start = time.perf_counter()
         common, state = master_state(widths, layers)
+        if (layers, lr, steps, batch) == short:  # measured once, on the first run's model and batch size
+            noise = base_rounding(common, state, batch)
+            spread = statistics.stdev(noise)
+            print(f"\nthe bf16 base's rounding alone ({layers} layers, B = 0): each sequence's loss gap to float32 "
+                  + " ".join(f"{g:+.1e}" for g in noise)
+                  + f"; spread (standard deviation) {spread:.1e}, so {spread / batch ** 0.5:.1e} for the mean"
+                  f" of {batch}")
+        start = time.perf_counter()
         runs = RUNS if steps <= 10 else tuple(r for r in RUNS if r != "peft float32")
         trajectories = {run: trajectory(run, common, state, lr, steps, batch) for run in runs}
         title = (f"{layers} layer(s), batch {batch} x {SEQ} tokens, lr {lr:g}, {steps} steps "
