@@ -37,16 +37,19 @@ runs just after the Function, see `lowrank_linear`) and freed, and the backward 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
 from .slices import LoRASlice, pair_layout
 
 __all__ = [
-    "autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "new_seed", "no_autocast", "one_thread",
+    "KeptOutputs", "autocast_enabled", "compute_dtype", "dropout_positions", "lowrank_linear", "new_seed",
+    "no_autocast", "one_thread",
 ]
 
 
@@ -395,6 +398,7 @@ def lowrank_linear(
     slices: Sequence[LoRASlice] | Sequence[tuple[int, int]],
     fan_in_fan_out: bool = False,
     col_scale: torch.Tensor | None = None,
+    kept: _KeptSlot | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + b` plus `scaling * (drop(x) @ A_j.T) @ B_j.T` added to each slice of the output.
 
@@ -408,6 +412,7 @@ def lowrank_linear(
     per slice, in the same order. Computes in
     `compute_dtype(x)`: under autocast, `x`, `weight` and `bias` are cast to autocast's dtype (the
     output and `dx` are in it, as a frozen `nn.Linear`'s would be), the adapters are not.
+    `kept`: where a checkpointed forward keeps this call's output for its recomputation (`KeptOutputs.for_module`).
     """
     dtype = compute_dtype(x)
     # Casts outside the Function, so that autograd takes dx (and a trainable weight's gradient) back to
@@ -423,11 +428,13 @@ def lowrank_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = new_seed() if p > 0.0 else 0
-    y = _apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale, quant_state)
+    y = _apply(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale, quant_state,
+               kept)
     return y.view(*lead, y.shape[-1])
 
 
-def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None, quant_state=None):
+def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None, quant_state=None,
+           kept=None):
     """The layer on a 2-D `x` already in the compute dtype: the Function, then (but for DoRA) the frozen GEMM.
 
     The frozen GEMM (and a 4-bit weight's dequantization) runs just after the Function, accumulating onto the
@@ -436,17 +443,102 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan
     last a checkpointed layer saves, so its recomputation, which stops once every saved tensor is back, skips
     the last projection's frozen GEMM and dequantization (backward never needs that output), as it does for a
     frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function. `slices`: LoRASlices, or
-    `(offset, size)` pairs in `lora_B`'s row order.
+    `(offset, size)` pairs in `lora_B`'s row order. `kept` (`KeptOutputs.for_module`): in a checkpointed forward
+    that keeps this layer's output, the output is kept; in its recomputation it is put back in place of the frozen
+    GEMM (not for DoRA, whose GEMM is inside the Function).
     """
     slices = pair_layout(slices, lora_A.shape[0] // max(len(slices), 1))
     y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
                              quant_state)
     if col_scale is None:
+        earlier = kept.take() if kept is not None else None
+        if earlier is not None:  # the recomputation: the first forward's output, bit for bit, without the GEMM
+            return _Restore.apply(y, earlier)
         frozen = weight.detach() if quant_state is None else _dequantized(weight, quant_state, x.dtype)
         with no_autocast(x.device):
             y.addmm_(x.detach(), frozen if fan_in_fan_out else frozen.t())
         del frozen  # a 4-bit weight's dequantized copy dies here: backward dequantizes again
+        if kept is not None:
+            kept.put(y)
     return y
+
+
+class _Restore(torch.autograd.Function):
+    """`y`'s values replaced in place by `earlier`'s, the gradient passed to `y` unchanged: the frozen GEMM's
+    part of the output adds nothing to the gradient of what `y` depends on (the adapters, `x`), since the
+    Function's backward already takes `dx` through the frozen weight."""
+
+    @staticmethod
+    def forward(ctx, y, earlier):
+        ctx.mark_dirty(y)
+        return y.copy_(earlier)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+_KEPT: contextvars.ContextVar[tuple[KeptOutputs, bool] | None] = contextvars.ContextVar("lora_kept_outputs",
+                                                                                        default=None)
+
+
+class KeptOutputs:
+    """Selective recomputation: the outputs of chosen LoRA layers, kept by a checkpointed forward so that its
+    recomputation in backward skips their frozen GEMMs. Each kept output costs its size in memory until that
+    backward; the values in backward are the first forward's, bit for bit.
+
+    One instance per checkpointed call, through `torch.utils.checkpoint`'s `context_fn` (non-reentrant)::
+
+        checkpoint(block, x, use_reentrant=False,
+                   context_fn=lambda: KeptOutputs([block.qkv_proj, block.gate_up_proj]).contexts())
+
+    Only the LoRA path of `lora.Linear` / `lora.MergedLinear` keeps outputs (not DoRA, nor a custom dropout
+    module); other layers are recomputed as before. An output changed in place after the layer (its version
+    counter moved) is not put back: that layer is recomputed instead.
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
+        self._ids = {id(m) for m in modules}
+        self._outputs: dict[int, list[tuple[torch.Tensor, int]]] = {}
+
+    def contexts(self) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+        """The (forward, recomputation) context managers that `torch.utils.checkpoint`'s `context_fn` returns."""
+        return self._active(replaying=False), self._active(replaying=True)
+
+    @contextlib.contextmanager
+    def _active(self, replaying: bool) -> Iterator[None]:
+        token = _KEPT.set((self, replaying))
+        try:
+            yield
+        finally:
+            _KEPT.reset(token)
+
+    @staticmethod
+    def for_module(module: torch.nn.Module) -> _KeptSlot | None:
+        """Where `module`'s output is kept or put back, if the active checkpointed forward (or its recomputation)
+        keeps it; else None."""
+        active = _KEPT.get()
+        if active is None or id(module) not in active[0]._ids:
+            return None
+        kept, replaying = active
+        return _KeptSlot(kept._outputs.setdefault(id(module), []), replaying)
+
+
+class _KeptSlot(NamedTuple):
+    """One module's kept outputs, in call order, and whether this is the recomputation."""
+
+    outputs: list[tuple[torch.Tensor, int]]
+    replaying: bool
+
+    def put(self, y: torch.Tensor) -> None:
+        if not self.replaying:
+            self.outputs.append((y, y._version))
+
+    def take(self) -> torch.Tensor | None:
+        if not (self.replaying and self.outputs):
+            return None
+        y, version = self.outputs.pop(0)
+        return y if y._version == version else None  # changed in place since: recompute instead
 
 
 def _quant_state(weight: torch.Tensor, fan_in_fan_out: bool):

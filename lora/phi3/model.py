@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lora.lowrank import KeptOutputs
 from lora.phi3.config import Phi3Config
 from lora.phi3.loss import IGNORE_INDEX, chunked_cross_entropy
 
@@ -231,6 +232,9 @@ class Phi3DecoderLayer(nn.Module):
         return x + self.resid_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+CHECKPOINT_KEEPABLE = ("qkv_proj", "o_proj", "gate_up_proj")
+
+
 class Phi3Model(nn.Module):
     """Embedding, decoder layers and final norm; returns the final hidden states `(B, T, hidden)`."""
 
@@ -248,6 +252,36 @@ class Phi3Model(nn.Module):
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self._checkpoint_keep: tuple[str, ...] = ()
+
+    @property
+    def checkpoint_keep(self) -> tuple[str, ...]:
+        """Selective recomputation: the projections whose outputs a checkpointed layer keeps, so that its
+        recomputation in backward skips their frozen GEMMs (LoRA layers only; see `lora.lowrank.KeptOutputs`).
+
+        Any of `"qkv_proj"`, `"o_proj"`, `"gate_up_proj"`; each costs its output's size per layer until that layer's
+        backward (in bf16: 2 bytes x 9216, 3072 and 16384 per token at Phi-3-mini's widths). `down_proj` is not
+        offered: the recomputation stops before its frozen GEMM anyway. Default `()`: every layer recomputed whole.
+        """
+        return self._checkpoint_keep
+
+    @checkpoint_keep.setter
+    def checkpoint_keep(self, names: tuple[str, ...] | list[str]) -> None:
+        if isinstance(names, str):
+            raise TypeError(f"checkpoint_keep takes a sequence of projection names, got the string {names!r}")
+        unknown = [n for n in names if n not in CHECKPOINT_KEEPABLE]
+        if unknown:
+            raise ValueError(f"checkpoint_keep: {unknown} not among {list(CHECKPOINT_KEEPABLE)}"
+                             + (" (the recomputation never reaches down_proj's frozen GEMM: nothing to keep)"
+                                if "down_proj" in unknown else ""))
+        self._checkpoint_keep = tuple(dict.fromkeys(names))
+
+    def _checkpoint_options(self, layer: Phi3DecoderLayer) -> dict[str, Any]:
+        if not self._checkpoint_keep:
+            return {}
+        owners = {"qkv_proj": layer.self_attn, "o_proj": layer.self_attn, "gate_up_proj": layer.mlp}
+        modules = [getattr(owners[name], name) for name in self._checkpoint_keep]
+        return {"context_fn": lambda: KeptOutputs(modules).contexts()}
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
@@ -282,7 +316,7 @@ class Phi3Model(nn.Module):
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if checkpointed:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False, **self._checkpoint_options(layer))
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -333,6 +367,15 @@ class Phi3ForCausalLM(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
         self.model.gradient_checkpointing = enabled
+
+    @property
+    def checkpoint_keep(self) -> tuple[str, ...]:
+        """With `gradient_checkpointing`: the projections whose outputs each layer keeps (see `Phi3Model`)."""
+        return self.model.checkpoint_keep
+
+    @checkpoint_keep.setter
+    def checkpoint_keep(self, names: tuple[str, ...] | list[str]) -> None:
+        self.model.checkpoint_keep = names
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -77,3 +77,90 @@ def test_a_4bit_last_projection_is_dequantized_once_in_backward(hf_checkpoint, m
     loss.backward()
     assert calls.count(down) == 1
     assert calls.count(up) == 2
+
+
+KEEPABLE = ("qkv_proj", "o_proj", "gate_up_proj")
+
+
+def _step(keep, checkpointing, dtype, dropout=0.1):
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(tiny_config()).to(dtype).requires_grad_(False)
+    patch(model, r=2, lora_alpha=4, lora_dropout=dropout)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would hide a wrong adapter output
+    model.gradient_checkpointing = checkpointing
+    model.checkpoint_keep = keep
+    model.train()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)  # the same dropout draws in every run
+    loss = model.loss(ids, ids)
+    loss.backward()
+    return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_outputs_give_the_same_loss_and_gradients_bit_for_bit(dtype):
+    _, plain_loss, plain = _step((), False, dtype)
+    _, full_loss, full = _step((), True, dtype)
+    _, kept_loss, kept = _step(KEEPABLE, True, dtype)
+    assert len(kept) == len(plain) == 2 * 4 * TINY["num_hidden_layers"]  # A and B of every projection
+    assert torch.equal(kept_loss, plain_loss) and torch.equal(kept_loss, full_loss)
+    for name, grad in kept.items():
+        assert torch.equal(grad, full[name]) and torch.equal(grad, plain[name]), name
+
+
+def test_a_kept_projections_frozen_gemm_runs_once_in_backward():
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(tiny_config()).requires_grad_(False)
+    patch(model, r=2, lora_alpha=4, lora_dropout=0.1)
+    model.gradient_checkpointing = True
+    model.checkpoint_keep = ["gate_up_proj"]
+    model.train()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    layer = model.model.layers[1]
+    up, qkv = layer.mlp.gate_up_proj.weight, layer.self_attn.qkv_proj.weight
+    loss = model.loss(ids, ids)
+    with FrozenGemms(up) as backward_up, FrozenGemms(qkv) as backward_qkv:
+        loss.backward()
+    assert backward_up.count == 1  # dx only: the kept output stands in for the recomputed GEMM
+    assert backward_qkv.count == 2  # not kept: recomputed, and its dx
+
+
+def test_an_output_changed_in_place_is_recomputed_not_put_back():
+    # A kept output edited after the layer no longer holds the layer's output: the recomputation runs the GEMM.
+    from torch.utils.checkpoint import checkpoint
+
+    import lora
+    from lora.lowrank import KeptOutputs
+
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4, merge_weights=False)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8, requires_grad=True)
+
+    def block(x):
+        y = layer(x)
+        return y.mul_(3.0).tanh()
+
+    expected = torch.autograd.grad(block(x).sum(), (x, layer.lora_A, layer.lora_B))
+    out = checkpoint(block, x, use_reentrant=False, context_fn=lambda: KeptOutputs([layer]).contexts())
+    with FrozenGemms(layer.weight) as backward:
+        got = torch.autograd.grad(out.sum(), (x, layer.lora_A, layer.lora_B))
+    assert backward.count == 2  # recomputed, and dx
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_checkpoint_keep_takes_projection_names_only():
+    model = Phi3ForCausalLM(tiny_config())
+    with pytest.raises(ValueError, match=r"\['down_proj'\] not among \['qkv_proj', 'o_proj', 'gate_up_proj'\] "
+                                         r"\(the recomputation never reaches down_proj's frozen GEMM"):
+        model.checkpoint_keep = ("qkv_proj", "down_proj")
+    with pytest.raises(ValueError, match=r"\['q_proj'\] not among"):
+        model.checkpoint_keep = ["q_proj"]
+    with pytest.raises(TypeError, match="a sequence of projection names, got the string 'qkv_proj'"):
+        model.checkpoint_keep = "qkv_proj"
+    assert model.checkpoint_keep == ()
+    model.checkpoint_keep = ["o_proj", "qkv_proj", "o_proj"]
+    assert model.checkpoint_keep == model.model.checkpoint_keep == ("o_proj", "qkv_proj")
