@@ -10,6 +10,9 @@ interleaved over repeats (the order of the two stacks alternates), and deletes t
 - `lora`: `lora.phi3.from_pretrained` + `patch` with the training script's settings (r=16, alpha=32,
   dropout 0.05 on the four projections), `model.loss`, backward, fused AdamW on the adapters (the
   script's, and transformers' Trainer's default);
+- `keep`: `lora` with selective recomputation (`model.checkpoint_keep` = qkv_proj, o_proj, gate_up_proj: each
+  checkpointed layer keeps those outputs, so backward skips their frozen GEMMs), on the checkpointed rows: the
+  trade-off of time against memory, reported beside full checkpointing (no target; PEFT has no counterpart);
 - `peft`: transformers' `Phi3ForCausalLM` (SDPA attention) + PEFT's `get_peft_model` with the same
   LoRA settings (float32 adapters on the bf16 base, PEFT's default), as its users run it: non-reentrant
   checkpointing through `gradient_checkpointing_enable` plus `enable_input_require_grads`, the loss from
@@ -54,6 +57,7 @@ from phi3_load import FULL, QUICK, _filesystem, write_checkpoint  # noqa: E402
 
 R, ALPHA, DROPOUT = 16, 32, 0.05  # the training script's defaults
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+KEEP = ("qkv_proj", "o_proj", "gate_up_proj")  # the `keep` rows' selective recomputation
 LR = 1e-4
 # Targets, in whichever mode runs (see the issue that set them: docs/performance.md).
 MIN_SPEEDUP_VS_PEFT = 1.25  # ours' tokens/s over PEFT's, every training row
@@ -99,7 +103,9 @@ def _load_ours(path: Path, dtype: torch.dtype, device: str, row: str, dropout: f
     if row == "floor":
         # Backward reaches the embedding output and stops: the frozen model's whole backward, no adapters.
         model.model.embed_tokens.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
-    if row in ("lora", "check"):
+    if row == "keep":
+        model.checkpoint_keep = KEEP
+    if row in ("lora", "keep", "check"):
         patch(model, r=R, lora_alpha=ALPHA, lora_dropout=dropout, targets=TARGETS)
         seeded_adapters([(n, m.lora_A, m.lora_B) for n, m in model.named_modules() if isinstance(m, lora.Linear)])
     model.train()
@@ -207,7 +213,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="reuse this checkpoint directory (kept) instead of writing one")
     parser.add_argument("--child", choices=("lora", "peft"), help=argparse.SUPPRESS)
-    parser.add_argument("--row", choices=("forward", "floor", "lora", "check"), help=argparse.SUPPRESS)
+    parser.add_argument("--row", choices=("forward", "floor", "lora", "keep", "check"), help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
@@ -262,6 +268,7 @@ def main() -> int:
         plan = [("forward", "lora", s, False) for s in seqs]
         plan += [(row, impl, s, c) for s in seqs for c in (True, False) for row, impl in
                  (("floor", "lora"), ("lora", "lora"), ("lora", "peft"))]
+        plan += [("keep", "lora", s, True) for s in seqs]
         results: dict[tuple[str, str, int, bool], list[dict]] = {key: [] for key in plan}
         for rep in range(repeats):
             for key in plan if rep % 2 == 0 else plan[::-1]:  # alternate who goes first
@@ -306,6 +313,14 @@ def main() -> int:
                 if not ckpt and rss_ours >= rss_peft:
                     failures.append(f"seq {seq} no ckpt: peak {rss_ours:.3f}x weights, "
                                     f"not below PEFT's {rss_peft:.3f}x")
+        print(f"\nselective recomputation (ours, checkpoint_keep={','.join(KEEP)}) against full checkpointing:")
+        for seq in seqs:
+            kept, full = times(("keep", "lora", seq, True)), times(("lora", "lora", seq, True))
+            peft = times(("lora", "peft", seq, True))
+            print(f"seq {seq}: step {_spread(kept)} s = {statistics.median(kept) / statistics.median(full):.3f}x full "
+                  f"checkpointing's, {statistics.median(peft) / statistics.median(kept):.3f}x PEFT's tokens/s; peak "
+                  f"RSS {peak(('keep', 'lora', seq, True)):.3f}x the weights (full checkpointing "
+                  f"{peak(('lora', 'lora', seq, True)):.3f}x, none {peak(('lora', 'lora', seq, False)):.3f}x)")
         print()
         for seq in seqs:
             forward = statistics.median(times(("forward", "lora", seq, False)))
