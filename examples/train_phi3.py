@@ -40,6 +40,7 @@ from lora.phi3.data import LENGTH_POLICIES, Example, step_indices, unigram_loss
 from lora.phi3.distributed import Processes, check_device, check_replicas_agree, setup_processes, shutdown_processes
 from lora.phi3.evaluation import Evaluation
 from lora.phi3.fsdp import from_pretrained_sharded
+from lora.phi3.model import checked_checkpoint_keep
 from lora.phi3.schedule import SCHEDULES, make_schedule
 from lora.phi3.settings import Setting, Settings
 from lora.phi3.tokenizer import ByteTokenizer, load_tokenizer
@@ -81,6 +82,9 @@ SETTINGS = Settings([
     S("per_device_eval_batch_size", 4, "conversations per evaluation batch", bounds="positive"),
     S("gradient_accumulation_steps", 1, "micro-batches per optimizer step", bounds="positive"),
     S("gradient_checkpointing", True, "recompute each decoder layer in backward (less memory, ~1/3 more compute)"),
+    S("checkpoint_keep", "none", "with --gradient-checkpointing, the projections (among qkv_proj, o_proj, "
+      "gate_up_proj) whose outputs each layer keeps, so backward skips their frozen GEMMs: faster, more memory "
+      "(docs/performance.md); the same results bit for bit", many=True, resumable=True),
     S("max_seq_length", 2048, "longest conversation in tokens (and the packed row length)", bounds="positive"),
     S("truncation", "truncate", "longer conversations: truncate (keep the start) or drop", choices=LENGTH_POLICIES),
     S("packing", False, "pack conversations into max_seq_length rows, attention kept within each conversation"),
@@ -164,6 +168,8 @@ def check_config(c: argparse.Namespace) -> None:
         raise ValueError("--max-steps -1 trains for --num-train-epochs, which must then be positive, "
                          f"got {c.num_train_epochs}")
     check_device(c.device)
+    if checkpoint_keep(c) and not c.gradient_checkpointing:
+        raise ValueError("--checkpoint-keep chooses what a checkpointed layer keeps: it needs --gradient-checkpointing")
     for (a, b), why in UNSUPPORTED.items():
         if getattr(c, a) and getattr(c, b):
             raise ValueError(f"{SETTINGS[a].option} with {SETTINGS[b].option} is not supported: {why}")
@@ -174,6 +180,12 @@ def check_config(c: argparse.Namespace) -> None:
                          "(torchrun --nproc_per_node N examples/train_phi3.py ... --fsdp)")
     if Path(c.output_dir).resolve() == Path(c.model or EMBEDDED_DIR).resolve():
         raise ValueError("--output-dir must differ from --model: the base checkpoint would be overwritten")
+
+
+def checkpoint_keep(c: argparse.Namespace) -> tuple[str, ...]:
+    """--checkpoint-keep's projection names (none: an empty tuple); a ValueError for any other name."""
+    names = [] if c.checkpoint_keep in ("none", ["none"]) else c.checkpoint_keep
+    return checked_checkpoint_keep(names, what="--checkpoint-keep")
 
 
 # --- Setup: model and tokenizer.
@@ -422,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Optimizer and schedule.
     model.gradient_checkpointing = c.gradient_checkpointing
+    model.checkpoint_keep = checkpoint_keep(c)
     model.train()
     params, optimizer, scheduler, warmup = make_optimizer(model, c, total_steps)
     data = runs.data_identity(c.data) if rank == 0 else {}

@@ -115,6 +115,17 @@ def test_resume_continues_bit_identically(tmp_path, small_eval, dora):
         main("--resume", tmp_path / "full", "--learning-rate", "0.5")
 
 
+def test_checkpoint_keep_trains_to_the_same_bits(tmp_path, small_eval):
+    # Selective recomputation only skips frozen GEMMs whose outputs were kept: losses and adapters are unchanged.
+    common = [*FAST, "--max-steps", "2", "--logging-steps", "1", "--eval-data", small_eval, "--lora-dropout", "0.1",
+              "--gradient-checkpointing"]  # the embedded model's settings turn it off
+    assert main(*common, "--output-dir", tmp_path / "full") == 0
+    assert main(*common, "--output-dir", tmp_path / "kept", "--checkpoint-keep", "qkv_proj", "gate_up_proj") == 0
+    assert [r.get("loss") for r in metrics(tmp_path / "full")] == [r.get("loss") for r in metrics(tmp_path / "kept")]
+    a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "kept" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_non_finite_loss_stops_and_names_only_a_checkpoint_whose_weights_gave_a_finite_loss(tmp_path, small_eval,
                                                                                               capsys):
     # At lr 1e30 step 1 leaves finite weights of about 1e30; step 2's loss is non-finite. Checkpoint 1 is not good.
@@ -148,6 +159,9 @@ def test_non_finite_loss_stops_and_names_only_a_checkpoint_whose_weights_gave_a_
         (lambda d: ["--config", write_jsonl(d / "c.json", ['{"learning_rat": 1}'])], "unknown settings"),
         (lambda d: ["--device", "mps"], "--device mps: MPS is not available"),
         (lambda d: ["--device", "gpu"], "--device gpu: not a device name"),
+        (lambda d: ["--checkpoint-keep", "down_proj"], r"--checkpoint-keep: \['down_proj'\] not among \['qkv_proj', "),
+        (lambda d: ["--checkpoint-keep", "qkv_proj", "--no-gradient-checkpointing"],
+         "--checkpoint-keep chooses what a checkpointed layer keeps: it needs --gradient-checkpointing"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_training(tmp_path, small_eval, make_args, message):

@@ -235,6 +235,18 @@ class Phi3DecoderLayer(nn.Module):
 CHECKPOINT_KEEPABLE = ("qkv_proj", "o_proj", "gate_up_proj")
 
 
+def checked_checkpoint_keep(names: tuple[str, ...] | list[str], what: str = "checkpoint_keep") -> tuple[str, ...]:
+    """`names` without repeats if each is in `CHECKPOINT_KEEPABLE`; else an error naming `what` and the culprits."""
+    if isinstance(names, str):
+        raise TypeError(f"{what} takes a sequence of projection names, got the string {names!r}")
+    unknown = [n for n in names if n not in CHECKPOINT_KEEPABLE]
+    if unknown:
+        raise ValueError(f"{what}: {unknown} not among {list(CHECKPOINT_KEEPABLE)}"
+                         + (" (the recomputation never reaches down_proj's frozen GEMM: nothing to keep)"
+                            if "down_proj" in unknown else ""))
+    return tuple(dict.fromkeys(names))
+
+
 class Phi3Model(nn.Module):
     """Embedding, decoder layers and final norm; returns the final hidden states `(B, T, hidden)`."""
 
@@ -267,14 +279,7 @@ class Phi3Model(nn.Module):
 
     @checkpoint_keep.setter
     def checkpoint_keep(self, names: tuple[str, ...] | list[str]) -> None:
-        if isinstance(names, str):
-            raise TypeError(f"checkpoint_keep takes a sequence of projection names, got the string {names!r}")
-        unknown = [n for n in names if n not in CHECKPOINT_KEEPABLE]
-        if unknown:
-            raise ValueError(f"checkpoint_keep: {unknown} not among {list(CHECKPOINT_KEEPABLE)}"
-                             + (" (the recomputation never reaches down_proj's frozen GEMM: nothing to keep)"
-                                if "down_proj" in unknown else ""))
-        self._checkpoint_keep = tuple(dict.fromkeys(names))
+        self._checkpoint_keep = checked_checkpoint_keep(names)
 
     def _checkpoint_options(self, layer: Phi3DecoderLayer) -> dict[str, Any]:
         if not self._checkpoint_keep:
