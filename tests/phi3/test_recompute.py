@@ -164,3 +164,32 @@ def test_checkpoint_keep_takes_projection_names_only():
     assert model.checkpoint_keep == ()
     model.checkpoint_keep = ["o_proj", "qkv_proj", "o_proj"]
     assert model.checkpoint_keep == model.model.checkpoint_keep == ("o_proj", "qkv_proj")
+
+
+def test_kept_outputs_in_transformers_checkpointing():
+    # transformers hands gradient_checkpointing_kwargs to torch.utils.checkpoint: one KeptOutputs over the whole
+    # model's kept projections serves every layer (each checkpointed call makes its own and touches its layer's).
+    transformers = pytest.importorskip("transformers")
+    from lora.lowrank import KeptOutputs
+
+    def step(keep: bool):
+        torch.manual_seed(0)
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**TINY))
+        patch(model, r=2, lora_alpha=4, lora_dropout=0.1)
+        kept = [m for name, m in model.named_modules() if name.endswith(("qkv_proj", "gate_up_proj"))]
+        kwargs = {"use_reentrant": False, **({"context_fn": lambda: KeptOutputs(kept).contexts()} if keep else {})}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+        model.train()
+        ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        with FrozenGemms(model.model.layers[1].mlp.gate_up_proj.weight) as backward_up:
+            loss.backward()
+        return loss.detach(), backward_up.count, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (full_loss, full_count, full), (kept_loss, kept_count, kept) = step(False), step(True)
+    assert (full_count, kept_count) == (2, 1)
+    assert torch.equal(full_loss, kept_loss) and full.keys() == kept.keys()
+    for name, grad in kept.items():
+        assert torch.equal(grad, full[name]), name
