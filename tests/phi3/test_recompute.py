@@ -77,6 +77,12 @@ def test_a_4bit_last_projection_is_dequantized_once_in_backward(hf_checkpoint, m
     loss.backward()
     assert calls.count(down) == 1
     assert calls.count(up) == 2
+    # Selective recomputation keeps gate_up_proj's output: backward then dequantizes it once, for dx.
+    model.checkpoint_keep = ["gate_up_proj"]
+    loss = model.loss(ids, ids)
+    calls.clear()
+    loss.backward()
+    assert calls.count(down) == calls.count(up) == 1
 
 
 KEEPABLE = ("qkv_proj", "o_proj", "gate_up_proj")
