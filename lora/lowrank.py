@@ -501,17 +501,9 @@ class KeptOutputs:
         self._ids = {id(m) for m in modules}
         self._outputs: dict[int, list[tuple[torch.Tensor, int]]] = {}
 
-    def contexts(self) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+    def contexts(self) -> tuple[_Active, _Active]:
         """The (forward, recomputation) context managers that `torch.utils.checkpoint`'s `context_fn` returns."""
-        return self._active(replaying=False), self._active(replaying=True)
-
-    @contextlib.contextmanager
-    def _active(self, replaying: bool) -> Iterator[None]:
-        token = _KEPT.set((self, replaying))
-        try:
-            yield
-        finally:
-            _KEPT.reset(token)
+        return _Active(self, replaying=False), _Active(self, replaying=True)
 
     @staticmethod
     def for_module(module: torch.nn.Module) -> _KeptSlot | None:
@@ -522,6 +514,20 @@ class KeptOutputs:
             return None
         kept, replaying = active
         return _KeptSlot(kept._outputs.setdefault(id(module), []), replaying)
+
+
+class _Active:
+    """Makes a `KeptOutputs` the active one while entered; re-enterable, since each backward through a retained
+    graph runs the recomputation (and enters its context) again."""
+
+    def __init__(self, kept: KeptOutputs, replaying: bool) -> None:
+        self._state, self._tokens = (kept, replaying), []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_KEPT.set(self._state))
+
+    def __exit__(self, *exc: object) -> None:
+        _KEPT.reset(self._tokens.pop())
 
 
 class _KeptSlot(NamedTuple):

@@ -199,3 +199,20 @@ def test_kept_outputs_in_transformers_checkpointing():
     assert torch.equal(full_loss, kept_loss) and full.keys() == kept.keys()
     for name, grad in kept.items():
         assert torch.equal(grad, full[name]), name
+
+
+def test_a_second_backward_recomputes_what_the_first_took():
+    # Each kept output is put back once; a second backward through the retained graph recomputes the GEMM instead.
+    model, _, _ = _step(KEEPABLE, True, torch.float32)
+    model.zero_grad()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    loss = model.loss(ids, ids)
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with FrozenGemms(model.model.layers[1].mlp.gate_up_proj.weight) as second:
+        loss.backward()
+    assert second.count == 2  # recomputed, and dx
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, 2 * once[name], rtol=0, atol=1e-6, msg=name)
