@@ -717,7 +717,7 @@ class Linear(LoRALayer, nn.Linear):
             slices=self.lora_slices,
             fan_in_fan_out=self.fan_in_fan_out,
             col_scale=col_scale,
-            kept=None if self.use_dora else lowrank.KeptOutputs.for_module(self),
+            kept=lowrank.KeptOutputs.for_module(self),
         )
 
     def _dora_with_dropout(self, x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:

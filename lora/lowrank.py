@@ -147,10 +147,10 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale=None,
-                quant_state=None):
+                quant_state=None, keep=None):
         with no_autocast(x.device):
             return _LowRankLinear._forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices,
-                                           fan_in_fan_out, col_scale, quant_state)
+                                           fan_in_fan_out, col_scale, quant_state, keep)
 
     @staticmethod
     def backward(ctx, dy):
@@ -159,10 +159,11 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
-                 quant_state):
+                 quant_state, keep):
         # x: (N, in); slices: the LoRASlices of the adapted output columns (lora.slices), in B's row order;
         # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
-        # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward)
+        # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward);
+        # keep: DoRA's slot of selective recomputation (KeptOutputs), whose frozen GEMMs run in here
         dtype = x.dtype
         wide = torch.promote_types(dtype, torch.float32)
         A = lora_A.to(dtype)
@@ -209,7 +210,12 @@ class _LowRankLinear(torch.autograd.Function):
             y[:, s.offset : s.offset + s.size].addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r],
                                                       B[s.row : s.row + s.size].t(), beta=beta, alpha=scaling)
         unscaled = None
-        if col_scale is not None and p > 0.0:
+        earlier = keep.take() if keep is not None else None
+        if earlier is not None:
+            # DoRA's recomputation with the first forward's output (and v or the unscaled copy): no frozen GEMM
+            y.copy_(earlier[0])
+            unscaled = earlier[1] if len(earlier) > 1 else None
+        elif col_scale is not None and p > 0.0:
             # DoRA with dropout: the frozen GEMM runs here too, and v (W drop(x) + s B A drop(x), whose product
             # with dy is c's gradient) is saved in place of the output: the only activation-sized tensor saved.
             unscaled = _dora_dropout_forward(y, x, kept, weight.t() if fan_in_fan_out else weight, xa, B, scaling, p,
@@ -228,6 +234,8 @@ class _LowRankLinear(torch.autograd.Function):
             _scale_columns(y, col_scale.to(dtype), slices)
             if bias is not None:
                 y += bias
+        if keep is not None and earlier is None:
+            keep.put(y, *([] if unscaled is None else [unscaled]))
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, positions, col_scale,
                               y if col_scale is not None and unscaled is None else unscaled, bias)
         ctx.scaling, ctx.p, ctx.slices, ctx.fan_in_fan_out = scaling, p, slices, fan_in_fan_out
@@ -306,7 +314,7 @@ class _LowRankLinear(torch.autograd.Function):
                 dx.addmm_(dy_frozen, frozen)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy_out.sum(0)
-        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None
+        return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None, None
 
 
 def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -445,15 +453,15 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan
     frozen nn.Linear. DoRA scales that GEMM's output, so it keeps it in the Function. `slices`: LoRASlices, or
     `(offset, size)` pairs in `lora_B`'s row order. `kept` (`KeptOutputs.for_module`): in a checkpointed forward
     that keeps this layer's output, the output is kept; in its recomputation it is put back in place of the frozen
-    GEMM (not for DoRA, whose GEMM is inside the Function).
+    GEMM (for DoRA, whose frozen GEMMs run inside the Function, there).
     """
     slices = pair_layout(slices, lora_A.shape[0] // max(len(slices), 1))
     y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
-                             quant_state)
+                             quant_state, kept if col_scale is not None else None)
     if col_scale is None:
         earlier = kept.take() if kept is not None else None
         if earlier is not None:  # the recomputation: the first forward's output, bit for bit, without the GEMM
-            return _Restore.apply(y, earlier)
+            return _Restore.apply(y, earlier[0])
         frozen = weight.detach() if quant_state is None else _dequantized(weight, quant_state, x.dtype)
         with no_autocast(x.device):
             y.addmm_(x.detach(), frozen if fan_in_fan_out else frozen.t())
@@ -492,9 +500,10 @@ class KeptOutputs:
         checkpoint(block, x, use_reentrant=False,
                    context_fn=lambda: KeptOutputs([block.qkv_proj, block.gate_up_proj]).contexts())
 
-    Only the LoRA path of `lora.Linear` / `lora.MergedLinear` keeps outputs (not DoRA, nor a custom dropout
-    module); other layers are recomputed as before. An output changed in place after the layer (its version
-    counter moved) is not put back: that layer is recomputed instead.
+    Only the hand-written path of `lora.Linear` / `lora.MergedLinear` keeps outputs (LoRA and DoRA, not a custom
+    dropout module); other layers are recomputed as before. DoRA with dropout also keeps `v` (see
+    `_dora_dropout_forward`), which its backward needs: twice the output's size. An output changed in place after
+    the layer (its version counter moved) is not put back: that layer is recomputed instead.
     """
 
     def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
@@ -533,18 +542,21 @@ class _Active:
 class _KeptSlot(NamedTuple):
     """One module's kept outputs, in call order, and whether this is the recomputation."""
 
-    outputs: list[tuple[torch.Tensor, int]]
+    outputs: list[tuple[tuple[torch.Tensor, ...], tuple[int, ...]]]
     replaying: bool
 
-    def put(self, y: torch.Tensor) -> None:
+    def put(self, *tensors: torch.Tensor) -> None:
+        """Keep a forward's output (DoRA: and the tensor its backward saves in its place), with their versions."""
         if not self.replaying:
-            self.outputs.append((y, y._version))
+            self.outputs.append((tensors, tuple(t._version for t in tensors)))
 
-    def take(self) -> torch.Tensor | None:
+    def take(self) -> tuple[torch.Tensor, ...] | None:
+        """In the recomputation, the next kept tensors; None if there are none or one was changed in place since
+        (then the layer is recomputed)."""
         if not (self.replaying and self.outputs):
             return None
-        y, version = self.outputs.pop(0)
-        return y if y._version == version else None  # changed in place since: recompute instead
+        tensors, versions = self.outputs.pop(0)
+        return tensors if tuple(t._version for t in tensors) == versions else None
 
 
 def _quant_state(weight: torch.Tensor, fan_in_fan_out: bool):

@@ -269,7 +269,7 @@ class Phi3Model(nn.Module):
     @property
     def checkpoint_keep(self) -> tuple[str, ...]:
         """Selective recomputation: the projections whose outputs a checkpointed layer keeps, so that its
-        recomputation in backward skips their frozen GEMMs (LoRA layers only; see `lora.lowrank.KeptOutputs`).
+        recomputation in backward skips their frozen GEMMs (`lora` layers only; see `lora.lowrank.KeptOutputs`).
 
         Any of `"qkv_proj"`, `"o_proj"`, `"gate_up_proj"`; each costs its output's size per layer until that layer's
         backward (in bf16: 2 bytes x 9216, 3072 and 16384 per token at Phi-3-mini's widths). `down_proj` is not

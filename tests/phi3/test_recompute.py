@@ -88,10 +88,10 @@ def test_a_4bit_last_projection_is_dequantized_once_in_backward(hf_checkpoint, m
 KEEPABLE = ("qkv_proj", "o_proj", "gate_up_proj")
 
 
-def _step(keep, checkpointing, dtype, dropout=0.1):
+def _step(keep, checkpointing, dtype, dropout=0.1, use_dora=False):
     torch.manual_seed(0)
     model = Phi3ForCausalLM(tiny_config()).to(dtype).requires_grad_(False)
-    patch(model, r=2, lora_alpha=4, lora_dropout=dropout)
+    patch(model, r=2, lora_alpha=4, lora_dropout=dropout, use_dora=use_dora)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # B = 0 would hide a wrong adapter output
@@ -105,21 +105,26 @@ def _step(keep, checkpointing, dtype, dropout=0.1):
     return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kept_outputs_give_the_same_loss_and_gradients_bit_for_bit(dtype):
-    _, plain_loss, plain = _step((), False, dtype)
-    _, full_loss, full = _step((), True, dtype)
-    _, kept_loss, kept = _step(KEEPABLE, True, dtype)
-    assert len(kept) == len(plain) == 2 * 4 * TINY["num_hidden_layers"]  # A and B of every projection
+@pytest.mark.parametrize(("dtype", "use_dora", "dropout"), [(torch.float32, False, 0.1), (torch.bfloat16, False, 0.1),
+                                                            (torch.float32, True, 0.1), (torch.bfloat16, True, 0.0)])
+def test_kept_outputs_give_the_same_loss_and_gradients_bit_for_bit(dtype, use_dora, dropout):
+    _, plain_loss, plain = _step((), False, dtype, dropout, use_dora)
+    _, full_loss, full = _step((), True, dtype, dropout, use_dora)
+    _, kept_loss, kept = _step(KEEPABLE, True, dtype, dropout, use_dora)
+    # A and B (and DoRA's magnitude) of every projection
+    assert len(kept) == len(plain) == (3 if use_dora else 2) * 4 * TINY["num_hidden_layers"]
     assert torch.equal(kept_loss, plain_loss) and torch.equal(kept_loss, full_loss)
     for name, grad in kept.items():
         assert torch.equal(grad, full[name]) and torch.equal(grad, plain[name]), name
 
 
-def test_a_kept_projections_frozen_gemm_runs_once_in_backward():
+# Products with the frozen weight in backward: dx (DoRA with dropout: two, for W x and W drop(x)); recomputed, the
+# forward's GEMMs again (the same number) and DoRA's norm, whose (out, r) product W A^T is recomputed either way.
+@pytest.mark.parametrize(("use_dora", "kept_count", "recomputed_count"), [(False, 1, 2), (True, 3, 5)])
+def test_a_kept_projections_frozen_gemm_runs_once_in_backward(use_dora, kept_count, recomputed_count):
     torch.manual_seed(0)
     model = Phi3ForCausalLM(tiny_config()).requires_grad_(False)
-    patch(model, r=2, lora_alpha=4, lora_dropout=0.1)
+    patch(model, r=2, lora_alpha=4, lora_dropout=0.1, use_dora=use_dora)
     model.gradient_checkpointing = True
     model.checkpoint_keep = ["gate_up_proj"]
     model.train()
@@ -129,8 +134,8 @@ def test_a_kept_projections_frozen_gemm_runs_once_in_backward():
     loss = model.loss(ids, ids)
     with FrozenGemms(up) as backward_up, FrozenGemms(qkv) as backward_qkv:
         loss.backward()
-    assert backward_up.count == 1  # dx only: the kept output stands in for the recomputed GEMM
-    assert backward_qkv.count == 2  # not kept: recomputed, and its dx
+    assert backward_up.count == kept_count  # the kept output stands in for the recomputed GEMMs
+    assert backward_qkv.count == recomputed_count  # not kept
 
 
 def test_an_output_changed_in_place_is_recomputed_not_put_back():
