@@ -456,12 +456,14 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan
     GEMM (for DoRA, whose frozen GEMMs run inside the Function, there).
     """
     slices = pair_layout(slices, lora_A.shape[0] // max(len(slices), 1))
+    # Taken before the Function runs: a recomputation may stop inside it (once the block's last saved tensor is
+    # back), and an untaken output would be handed to an earlier call of the same module in the next one.
+    earlier = kept.take() if kept is not None and col_scale is None else None
     y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
                              quant_state, kept if col_scale is not None else None)
     if col_scale is None:
-        earlier = kept.take() if kept is not None else None
         if earlier is not None:  # the recomputation: the first forward's output, bit for bit, without the GEMM
-            return _Restore.apply(y, earlier[0])
+            return _Restore.apply(y, earlier[0].detach())
         frozen = weight.detach() if quant_state is None else _dequantized(weight, quant_state, x.dtype)
         with no_autocast(x.device):
             y.addmm_(x.detach(), frozen if fan_in_fan_out else frozen.t())
@@ -507,8 +509,14 @@ class KeptOutputs:
     """
 
     def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
+        modules = list(modules)
+        wrong = [m for m in modules if not isinstance(m, torch.nn.Module)]
+        if wrong:
+            raise TypeError(f"KeptOutputs takes the layer modules whose outputs to keep, got {wrong[0]!r} "
+                            f"({type(wrong[0]).__name__})")
         self._ids = {id(m) for m in modules}
         self._outputs: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        self._forwarded = False
 
     def contexts(self) -> tuple[_Active, _Active]:
         """The (forward, recomputation) context managers that `torch.utils.checkpoint`'s `context_fn` returns."""
@@ -533,6 +541,12 @@ class _Active:
         self._state, self._tokens = (kept, replaying), []
 
     def __enter__(self) -> None:
+        kept, replaying = self._state
+        if not replaying:
+            if kept._forwarded:  # backward would hand one call's outputs to another call of the same module
+                raise RuntimeError("KeptOutputs: one instance per checkpointed call; give checkpoint "
+                                   "context_fn=lambda: KeptOutputs(modules).contexts(), not one instance's contexts")
+            kept._forwarded = True
         self._tokens.append(_KEPT.set(self._state))
 
     def __exit__(self, *exc: object) -> None:

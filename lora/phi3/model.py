@@ -235,8 +235,12 @@ class Phi3DecoderLayer(nn.Module):
 CHECKPOINT_KEEPABLE = ("qkv_proj", "o_proj", "gate_up_proj")
 
 
-def checked_checkpoint_keep(names: tuple[str, ...] | list[str], what: str = "checkpoint_keep") -> tuple[str, ...]:
-    """`names` without repeats if each is in `CHECKPOINT_KEEPABLE`; else an error naming `what` and the culprits."""
+def checked_checkpoint_keep(names: tuple[str, ...] | list[str] | None,
+                            what: str = "checkpoint_keep") -> tuple[str, ...]:
+    """`names` without repeats (None: none) if each is in `CHECKPOINT_KEEPABLE`; else an error naming `what` and the
+    culprits."""
+    if names is None:
+        return ()
     if isinstance(names, str):
         raise TypeError(f"{what} takes a sequence of projection names, got the string {names!r}")
     unknown = [n for n in names if n not in CHECKPOINT_KEEPABLE]
@@ -273,12 +277,13 @@ class Phi3Model(nn.Module):
 
         Any of `"qkv_proj"`, `"o_proj"`, `"gate_up_proj"`; each costs its output's size per layer until that layer's
         backward (in bf16: 2 bytes x 9216, 3072 and 16384 per token at Phi-3-mini's widths). `down_proj` is not
-        offered: the recomputation stops before its frozen GEMM anyway. Default `()`: every layer recomputed whole.
+        offered: the recomputation stops before its frozen GEMM anyway. Default `()` (or None): every layer
+        recomputed whole.
         """
         return self._checkpoint_keep
 
     @checkpoint_keep.setter
-    def checkpoint_keep(self, names: tuple[str, ...] | list[str]) -> None:
+    def checkpoint_keep(self, names: tuple[str, ...] | list[str] | None) -> None:
         self._checkpoint_keep = checked_checkpoint_keep(names)
 
     def _checkpoint_options(self, layer: Phi3DecoderLayer) -> dict[str, Any]:
@@ -379,7 +384,7 @@ class Phi3ForCausalLM(nn.Module):
         return self.model.checkpoint_keep
 
     @checkpoint_keep.setter
-    def checkpoint_keep(self, names: tuple[str, ...] | list[str]) -> None:
+    def checkpoint_keep(self, names: tuple[str, ...] | list[str] | None) -> None:
         self.model.checkpoint_keep = names
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,

@@ -175,6 +175,8 @@ def test_checkpoint_keep_takes_projection_names_only():
     assert model.checkpoint_keep == ()
     model.checkpoint_keep = ["o_proj", "qkv_proj", "o_proj"]
     assert model.checkpoint_keep == model.model.checkpoint_keep == ("o_proj", "qkv_proj")
+    model.checkpoint_keep = None
+    assert model.checkpoint_keep == ()
 
 
 def test_kept_outputs_in_transformers_checkpointing():
@@ -221,3 +223,43 @@ def test_a_second_backward_recomputes_what_the_first_took():
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, 2 * once[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_module_called_twice_gets_its_own_outputs_back_in_every_backward():
+    # The second call is the block's last saver: the recomputation stops inside it. Its kept output must not be
+    # left over and handed to the first call by the next backward through the retained graph.
+    from torch.utils.checkpoint import checkpoint
+
+    import lora
+    from lora.lowrank import KeptOutputs
+
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 8, r=2, lora_alpha=4, merge_weights=False)
+    torch.nn.init.normal_(layer.lora_B)
+    x0 = torch.randn(5, 8)
+
+    def grads(keep: bool):
+        x = x0.clone().requires_grad_()
+        options = {"context_fn": lambda: KeptOutputs([layer]).contexts()} if keep else {}
+        loss = checkpoint(lambda v: layer(layer(v)), x, use_reentrant=False, **options).square().sum()
+        first = torch.autograd.grad(loss, (x, layer.lora_A, layer.lora_B), retain_graph=True)
+        return first, torch.autograd.grad(loss, (x, layer.lora_A, layer.lora_B))
+
+    for full, kept in zip(grads(False), grads(True), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(full, kept, strict=True))
+
+
+def test_keptoutputs_misuse_is_a_clear_error():
+    from torch.utils.checkpoint import checkpoint
+
+    import lora
+    from lora.lowrank import KeptOutputs
+
+    with pytest.raises(TypeError, match="KeptOutputs takes the layer modules whose outputs to keep, got 'qkv_proj'"):
+        KeptOutputs(["qkv_proj"])
+    layer = lora.Linear(4, 4, r=2, merge_weights=False)
+    shared = KeptOutputs([layer])  # one instance for two checkpointed calls would mix up their outputs
+    x = torch.randn(3, 4, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False, context_fn=shared.contexts)
+    with pytest.raises(RuntimeError, match="KeptOutputs: one instance per checkpointed call"):
+        checkpoint(layer, x, use_reentrant=False, context_fn=shared.contexts)
