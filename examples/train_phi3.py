@@ -183,9 +183,18 @@ def check_config(c: argparse.Namespace) -> None:
 
 
 def checkpoint_keep(c: argparse.Namespace) -> tuple[str, ...]:
-    """--checkpoint-keep's projection names (none: an empty tuple); a ValueError for any other name."""
-    names = [] if c.checkpoint_keep in ("none", ["none"]) else c.checkpoint_keep
-    return checked_checkpoint_keep(names, what="--checkpoint-keep")
+    """--checkpoint-keep's projection names (none: an empty tuple); a ValueError for any other name, or for one
+    that --target-modules leaves frozen (a plain nn.Linear keeps nothing)."""
+    names = checked_checkpoint_keep([] if c.checkpoint_keep in ("none", ["none"]) else c.checkpoint_keep,
+                                    what="--checkpoint-keep")
+    if c.target_modules not in ("all-linear", ["all-linear"]):
+        slices = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "gate": "gate_up_proj", "up": "gate_up_proj"}
+        adapted = {slices.get(name, name) for name in c.target_modules}
+        frozen = [name for name in names if name not in adapted]
+        if frozen:
+            raise ValueError(f"--checkpoint-keep {' '.join(frozen)}: not adapted by --target-modules "
+                             f"{' '.join(c.target_modules)}; only LoRA layers keep their outputs")
+    return names
 
 
 # --- Setup: model and tokenizer.

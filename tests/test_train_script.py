@@ -160,6 +160,8 @@ def test_non_finite_loss_stops_and_names_only_a_checkpoint_whose_weights_gave_a_
         (lambda d: ["--device", "mps"], "--device mps: MPS is not available"),
         (lambda d: ["--device", "gpu"], "--device gpu: not a device name"),
         (lambda d: ["--checkpoint-keep", "down_proj"], r"--checkpoint-keep: \['down_proj'\] not among \['qkv_proj', "),
+        (lambda d: ["--checkpoint-keep", "gate_up_proj", "o_proj", "--target-modules", "q", "v", "up"],
+         "--checkpoint-keep o_proj: not adapted by --target-modules q v up; only LoRA layers keep their outputs"),
         (lambda d: ["--checkpoint-keep", "qkv_proj", "--no-gradient-checkpointing"],
          "--checkpoint-keep chooses what a checkpointed layer keeps: it needs --gradient-checkpointing"),
     ],
