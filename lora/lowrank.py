@@ -515,7 +515,7 @@ class KeptOutputs:
             raise TypeError(f"KeptOutputs takes the layer modules whose outputs to keep, got {wrong[0]!r} "
                             f"({type(wrong[0]).__name__})")
         self._ids = {id(m) for m in modules}
-        self._outputs: dict[int, list[tuple[torch.Tensor, int]]] = {}
+        self._outputs: dict[int, list[tuple[tuple[torch.Tensor, ...], tuple[int, ...]]]] = {}  # module id: kept
         self._forwarded = False
 
     def contexts(self) -> tuple[_Active, _Active]:
