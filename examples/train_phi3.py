@@ -41,6 +41,7 @@ from lora.phi3.distributed import Processes, check_device, check_replicas_agree,
 from lora.phi3.evaluation import Evaluation
 from lora.phi3.fsdp import from_pretrained_sharded
 from lora.phi3.model import checked_checkpoint_keep
+from lora.phi3.patch import resolve_targets
 from lora.phi3.schedule import SCHEDULES, make_schedule
 from lora.phi3.settings import Setting, Settings
 from lora.phi3.tokenizer import ByteTokenizer, load_tokenizer
@@ -188,9 +189,7 @@ def checkpoint_keep(c: argparse.Namespace) -> tuple[str, ...]:
     names = checked_checkpoint_keep([] if c.checkpoint_keep in ("none", ["none"]) else c.checkpoint_keep,
                                     what="--checkpoint-keep")
     if c.target_modules not in ("all-linear", ["all-linear"]):
-        slices = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "gate": "gate_up_proj", "up": "gate_up_proj"}
-        adapted = {slices.get(name, name) for name in c.target_modules}
-        frozen = [name for name in names if name not in adapted]
+        frozen = [name for name in names if name not in resolve_targets(c.target_modules)]
         if frozen:
             raise ValueError(f"--checkpoint-keep {' '.join(frozen)}: not adapted by --target-modules "
                              f"{' '.join(c.target_modules)}; only LoRA layers keep their outputs")
