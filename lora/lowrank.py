@@ -169,8 +169,8 @@ class _LowRankLinear(torch.autograd.Function):
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
         A_t = A.t().contiguous()  # a contiguous A.T makes x @ A.T ~1.7x faster
-        positions = kept = None
-        if p > 0.0 and col_scale is not None:
+        positions = kept = dropped = None
+        if p > 0.0 and col_scale is not None and not _sparse_dropped_product_pays(x):
             # DoRA with dropout multiplies W too by x with the dropped elements zeroed, so that copy is made anyway
             with one_thread(x.device):
                 positions = dropout_positions(seed, x.numel(), p, x.device)
@@ -185,7 +185,8 @@ class _LowRankLinear(torch.autograd.Function):
                     positions = dropout_positions(seed, x.numel(), p, x.device)
                     values = torch.take(x, positions).to(wide)
                     A_wide_t = A_t if wide == dtype else lora_A.to(wide).t().contiguous()
-                    correction = _dropped(positions, values, x.shape) @ A_wide_t
+                    dropped = _dropped(positions, values, x.shape)
+                    correction = dropped @ A_wide_t
                 xa -= correction.to(dtype)
         if p > 0.0:
             xa *= 1.0 / (1.0 - p)
@@ -218,9 +219,9 @@ class _LowRankLinear(torch.autograd.Function):
         elif col_scale is not None and p > 0.0:
             # DoRA with dropout: the frozen GEMM runs here too, and v (W drop(x) + s B A drop(x), whose product
             # with dy is c's gradient) is saved in place of the output: the only activation-sized tensor saved.
-            unscaled = _dora_dropout_forward(y, x, kept, weight.t() if fan_in_fan_out else weight, xa, B, scaling, p,
-                                             slices, col_scale)
-            del kept
+            unscaled = _dora_dropout_forward(y, x, kept, dropped, weight.t() if fan_in_fan_out else weight, xa, B,
+                                             scaling, p, slices, col_scale)
+            del kept, dropped
         elif col_scale is not None:
             # DoRA scales the frozen GEMM's output, so that GEMM runs here (otherwise just after the Function)
             frozen = weight if quant_state is None else _dequantized(weight, quant_state, dtype)
@@ -323,26 +324,66 @@ def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
     return dequantize(packed, quant_state).to(dtype)
 
 
-def _dora_dropout_forward(y, x, kept, frozen, xa, B, scaling, p, slices, col_scale):
+# DoRA with dropout computes W drop(x) as (W x - W D) / (1 - p), D the dropped elements (see
+# _dora_dropout_forward), where that beats a second frozen GEMM: on a CPU in float32 / float64 and from this many
+# rows of x, below which transposing W's tiles (a pass over W whatever the rows) costs more than the GEMM it saves.
+# In 16 bits a CPU's GEMM is several times faster and the sparse product is not, so the GEMM stays.
+SPARSE_DROPPED_PRODUCT_MIN_ROWS = 128
+
+
+def _sparse_dropped_product_pays(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.shape[0] >= SPARSE_DROPPED_PRODUCT_MIN_ROWS)
+
+
+def _dora_dropout_forward(y, x, kept, dropped, frozen, xa, B, scaling, p, slices, col_scale):
     """Complete `y`, which holds the bias and `s B A drop(x)`, to PEFT's DoRA with dropout: per adapted column
     `y = W x + b + (c - 1) * W drop(x) + c * s B A drop(x)` (`c = m / n`, `frozen` is W as (out, in)). Returns
     `v = W drop(x) + s B A drop(x)` on the adapted columns (y's shape; other columns unset): `y` adds
     `(c - 1) * v + s B A drop(x)`, the same sum, and `v` is the gradient's factor for `c`.
 
-    `W drop(x)` is a second frozen GEMM, on `kept` (`x` with the dropped elements zeroed): PyTorch's CPU sparse
-    kernels for the other form, `(W x - W D) / (1 - p)` with `D` the dropped elements, save little of that GEMM
-    at p = 0.05 and have no bf16 version.
+    `W drop(x)` is a second frozen GEMM on `kept` (`x` with the dropped elements zeroed), or, given `dropped` (the
+    dropped elements as a sparse CSR matrix D, where `_sparse_dropped_product_pays`), `(W x - W D) / (1 - p)` from
+    the one GEMM `W x` and the sparse product `W D` (a fraction p of the multiply-adds).
     """
     v = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     minus_one = col_scale.to(x.dtype) - 1
+    if dropped is not None:
+        torch.mm(x, frozen.t(), out=v)
+        y += v
     for s in slices:
         rows, columns = slice(s.row, s.row + s.size), slice(s.offset, s.offset + s.size)
         v_j = v[:, columns]
-        v_j.addmm_(kept, frozen[columns].t(), beta=0.0)
+        if dropped is None:
+            v_j.addmm_(kept, frozen[columns].t(), beta=0.0)
+        else:
+            _subtract_dropped_product(v_j, dropped, frozen[columns])
         v_j.addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r], B[rows].t(), beta=1.0 / (1.0 - p), alpha=scaling)
         y[:, columns].addcmul_(v_j, minus_one[rows])
-    y.addmm_(x, frozen.t())  # last, onto the rest: where c = 1 the sum is rounded once, as for LoRA
+    if dropped is None:
+        y.addmm_(x, frozen.t())  # last, onto the rest: where c = 1 the sum is rounded once, as for LoRA
     return v
+
+
+def _subtract_dropped_product(out: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor) -> None:
+    """`out -= dropped @ weight.T` for a sparse CSR `dropped` (N, in) and a dense `weight` (rows, in).
+
+    Each dropped element adds its value times a column of `weight`, so the product runs on W's transpose, tile by
+    tile (each tile of rows transposed into a buffer that stays in cache): a sum of the transposed tile's rows per
+    row of `dropped`, which is what `embedding_bag` computes. MKL's sparse-times-dense product on W as it is stored
+    (a strided W.T) runs close to a dense GEMM's time.
+    """
+    rows, width = weight.shape
+    crow, col, values = dropped.crow_indices(), dropped.col_indices(), dropped.values()
+    starts = crow[:-1]
+    tile = min(rows, max(16, 1 << ((1 << 19) // width).bit_length() - 1))  # about 2 MB of float32 per tile
+    buffer = torch.empty(tile * width, dtype=weight.dtype, device=weight.device)
+    for i in range(0, rows, tile):
+        size = min(tile, rows - i)
+        transposed = buffer[: size * width].view(width, size)
+        transposed.copy_(weight[i : i + size].t())
+        out[:, i : i + size].sub_(torch.nn.functional.embedding_bag(col, transposed, starts, mode="sum",
+                                                                    per_sample_weights=values))
 
 
 def _add_dora_dropout_grad(dx, dy, frozen, col_scale, slices, p, buffer):

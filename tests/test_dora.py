@@ -150,9 +150,15 @@ def test_a_zero_magnitude_row_still_gets_its_gradient():
     torch.testing.assert_close(layer.lora_magnitude.grad, want)
 
 
+# DoRA's W drop(x): a second frozen GEMM, or (W x - W D) / (1 - p) with the sparse product W D
+ROUTES = {"gemm": 10**9, "sparse": 0}
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("fused", [False, True])
-def test_with_dropout_equals_the_formula_on_the_same_dropped_elements(monkeypatch, fused):
+def test_with_dropout_equals_the_formula_on_the_same_dropped_elements(monkeypatch, fused, route):
     monkeypatch.setattr(lowrank, "new_seed", lambda: SEED)
+    monkeypatch.setattr(lowrank, "SPARSE_DROPPED_PRODUCT_MIN_ROWS", ROUTES[route])
     torch.manual_seed(0)
     p = 0.3
     if fused:
@@ -170,9 +176,11 @@ def test_with_dropout_equals_the_formula_on_the_same_dropped_elements(monkeypatc
     assert_same_in_float64(layer, x, got, want)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_a_base_weight_left_trainable_gets_the_formulas_gradient(monkeypatch, dropout):
+def test_a_base_weight_left_trainable_gets_the_formulas_gradient(monkeypatch, dropout, route):
     monkeypatch.setattr(lowrank, "new_seed", lambda: SEED)
+    monkeypatch.setattr(lowrank, "SPARSE_DROPPED_PRODUCT_MIN_ROWS", ROUTES[route])
     torch.manual_seed(0)
     layer = lora.MergedLinear(8, 12, r=2, lora_alpha=4, lora_dropout=dropout, enable_lora=(True, False, True),
                               use_dora=True, fan_in_fan_out=True).double()
@@ -188,7 +196,9 @@ def test_a_base_weight_left_trainable_gets_the_formulas_gradient(monkeypatch, dr
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_with_dropout_saves_one_output_sized_tensor_and_no_copy_or_mask_of_the_input():
+@pytest.mark.parametrize("route", ROUTES)
+def test_with_dropout_saves_one_output_sized_tensor_and_no_copy_or_mask_of_the_input(monkeypatch, route):
+    monkeypatch.setattr(lowrank, "SPARSE_DROPPED_PRODUCT_MIN_ROWS", ROUTES[route])
     layer = lora.Linear(16, 12, r=2, lora_dropout=0.1, use_dora=True)
     x = torch.randn(40, 16, requires_grad=True)
     saved = []
@@ -199,6 +209,38 @@ def test_with_dropout_saves_one_output_sized_tensor_and_no_copy_or_mask_of_the_i
     assert not any(t.dtype == torch.bool for t in saved)
     y.sum().backward()
     assert x.grad is not None and layer.lora_magnitude.grad is not None
+
+
+@pytest.mark.parametrize(("dtype", "rows", "sparse"), [
+    (torch.float32, 128, True), (torch.float64, 300, True), (torch.float32, 127, False), (torch.bfloat16, 512, False),
+    (torch.float16, 512, False)])
+def test_the_sparse_route_runs_in_float32_and_float64_from_128_rows(monkeypatch, dtype, rows, sparse):
+    # In 16 bits a CPU's GEMM is several times faster than float32's and the sparse product is not; below 128 rows
+    # transposing W's tiles costs more than the GEMM it saves (benchmarks/lora_linear.py measures both).
+    calls = []
+    bag = F.embedding_bag
+    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: calls.append(1) or bag(*a, **k))
+    layer = lora.Linear(8, 6, r=2, lora_dropout=0.1, use_dora=True).to(dtype)
+    layer(torch.randn(rows, 8, dtype=dtype)).float().sum().backward()
+    assert bool(calls) == sparse
+
+
+def test_the_sparse_product_tiles_wide_layers(monkeypatch):
+    # Tiles of 2^19 elements of W's transpose: 4 of them over 500 rows of a 4096-wide W, the last one shorter.
+    monkeypatch.setattr(lowrank, "new_seed", lambda: SEED)
+    monkeypatch.setattr(lowrank, "SPARSE_DROPPED_PRODUCT_MIN_ROWS", 0)
+    calls = []
+    bag = F.embedding_bag
+    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: calls.append(a[1].shape) or bag(*a, **k))
+    torch.manual_seed(0)
+    layer = lora.Linear(4096, 500, r=2, lora_dropout=0.2, use_dora=True).double()
+    randomise(layer)
+    x = torch.randn(3, 4096, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask.view(-1)[dropout_positions(SEED, x.numel(), 0.2, x.device)] = True
+    got = layer(x)
+    assert calls == [(4096, 128)] * 3 + [(4096, 116)]
+    assert_same_in_float64(layer, x, got, explicit(layer, x, x.masked_fill(mask, 0) / 0.8))
 
 
 def test_with_a_custom_dropout_module_equals_the_formula():
