@@ -308,11 +308,20 @@ class _LowRankLinear(torch.autograd.Function):
                     dx = g @ A
                 else:
                     dx = torch.mm(g, A, out=dropped_x)
-                    if col_scale is not None:  # dy (dy * c) is spent: its buffer takes dy * (c - 1)
+                    if col_scale is not None and _sparse_dropped_product_pays(dx):
+                        # dy (dy * c) is spent: its buffer takes the one GEMM's dy * (1 + (c - 1) / (1 - p)), and the
+                        # dropped positions then get their own value, dy W there, as a sampled product
+                        _scale_columns(dy, 1.0 + (col_scale.to(dtype) - 1) / (1.0 - p), slices, source=dy_out)
+                        dx.addmm_(dy, frozen)
+                        dx.view(-1).put_(positions, _dropped_positions_product(dy_out, frozen, positions, dx.shape))
+                        dy_frozen = None
+                    elif col_scale is not None:  # dy (dy * c) is spent: its buffer takes dy * (c - 1)
                         _add_dora_dropout_grad(dx, dy_out, frozen, col_scale, slices, p, buffer=dy)
-                    dx.view(-1).index_fill_(0, positions, 0)
+                    if dy_frozen is not None:
+                        dx.view(-1).index_fill_(0, positions, 0)
                 # The frozen layer's input gradient accumulates onto the adapter's: one GEMM, no extra pass.
-                dx.addmm_(dy_frozen, frozen)
+                if dy_frozen is not None:
+                    dx.addmm_(dy_frozen, frozen)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy_out.sum(0)
         return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None, None
@@ -365,25 +374,46 @@ def _dora_dropout_forward(y, x, kept, dropped, frozen, xa, B, scaling, p, slices
     return v
 
 
-def _subtract_dropped_product(out: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor) -> None:
-    """`out -= dropped @ weight.T` for a sparse CSR `dropped` (N, in) and a dense `weight` (rows, in).
-
-    Each dropped element adds its value times a column of `weight`, so the product runs on W's transpose, tile by
-    tile (each tile of rows transposed into a buffer that stays in cache): a sum of the transposed tile's rows per
-    row of `dropped`, which is what `embedding_bag` computes. MKL's sparse-times-dense product on W as it is stored
-    (a strided W.T) runs close to a dense GEMM's time.
-    """
+def _transposed_tiles(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """`weight` (rows, in) as tiles of rows, each transposed into one reused contiguous buffer of 2^19 elements (2 MB of
+    float32, which stays in cache while it is used): (first row, tile (in, size)). The sparse products with W
+    (below) need its columns, which are strided in W's stored layout."""
     rows, width = weight.shape
-    crow, col, values = dropped.crow_indices(), dropped.col_indices(), dropped.values()
-    starts = crow[:-1]
-    tile = min(rows, max(16, 1 << ((1 << 19) // width).bit_length() - 1))  # about 2 MB of float32 per tile
+    tile = min(rows, max(16, 1 << ((1 << 19) // width).bit_length() - 1))
     buffer = torch.empty(tile * width, dtype=weight.dtype, device=weight.device)
     for i in range(0, rows, tile):
         size = min(tile, rows - i)
         transposed = buffer[: size * width].view(width, size)
         transposed.copy_(weight[i : i + size].t())
-        out[:, i : i + size].sub_(torch.nn.functional.embedding_bag(col, transposed, starts, mode="sum",
-                                                                    per_sample_weights=values))
+        yield i, transposed
+
+
+def _subtract_dropped_product(out: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor) -> None:
+    """`out -= dropped @ weight.T` for a sparse CSR `dropped` (N, in) and a dense `weight` (rows, in).
+
+    Each dropped element adds its value times a column of `weight`: per transposed tile of W, a sum of the tile's
+    rows per row of `dropped`, which is what `embedding_bag` computes. MKL's sparse-times-dense product on W as it
+    is stored (a strided W.T) runs close to a dense GEMM's time.
+    """
+    starts = dropped.crow_indices()[:-1]
+    col, values = dropped.col_indices(), dropped.values()
+    for i, transposed in _transposed_tiles(weight):
+        out[:, i : i + transposed.shape[1]].sub_(torch.nn.functional.embedding_bag(
+            col, transposed, starts, mode="sum", per_sample_weights=values))
+
+
+def _dropped_positions_product(dy: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
+                               shape: tuple[int, int]) -> torch.Tensor:
+    """`(dy @ weight).view(-1)[positions]` for `weight` (out, in) and the sorted flat `positions` of an (N, in)
+    matrix, without the rest of the product: a sampled product per transposed tile of W (`sampled_addmm` on W as
+    stored runs at a dense GEMM's time)."""
+    pattern = _dropped(positions, torch.zeros(positions.shape, dtype=dy.dtype, device=dy.device), shape)
+    total = None
+    for i, transposed in _transposed_tiles(weight):
+        part = torch.sparse.sampled_addmm(pattern, dy[:, i : i + transposed.shape[1]], transposed.t(),
+                                          beta=0.0).values()
+        total = part if total is None else total.add_(part)
+    return total
 
 
 def _add_dora_dropout_grad(dx, dy, frozen, col_scale, slices, p, buffer):
@@ -396,13 +426,17 @@ def _add_dora_dropout_grad(dx, dy, frozen, col_scale, slices, p, buffer):
         dx.addmm_(scaled, frozen[columns], alpha=1.0 / (1.0 - p))
 
 
-def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[LoRASlice, ...]) -> None:
-    """Multiply each slice's columns of `y` in place by its part of `scale` (in the slices' order)."""
+def _scale_columns(y: torch.Tensor, scale: torch.Tensor, slices: tuple[LoRASlice, ...],
+                   source: torch.Tensor | None = None) -> None:
+    """Multiply each slice's columns of `y` in place by its part of `scale` (in the slices' order); given `source`
+    (y's shape), write `source`'s columns times the scale into `y`'s instead (other columns are left as they are)."""
+    source = y if source is None else source
     if _whole(slices, y.shape[1]):
-        y.mul_(scale)
+        torch.mul(source, scale, out=y)
         return
     for s in slices:
-        y[:, s.offset : s.offset + s.size].mul_(scale[s.row : s.row + s.size])
+        columns = slice(s.offset, s.offset + s.size)
+        torch.mul(source[:, columns], scale[s.row : s.row + s.size], out=y[:, columns])
 
 
 def _whole(slices: tuple[LoRASlice, ...], out: int) -> bool:
