@@ -348,7 +348,8 @@ def _sparse_dropped_product_pays(x: torch.Tensor) -> bool:
 def _dora_dropout_forward(y, x, kept, dropped, frozen, xa, B, scaling, p, slices, col_scale):
     """Complete `y`, which holds the bias and `s B A drop(x)`, to PEFT's DoRA with dropout: per adapted column
     `y = W x + b + (c - 1) * W drop(x) + c * s B A drop(x)` (`c = m / n`, `frozen` is W as (out, in)). Returns
-    `v = W drop(x) + s B A drop(x)` on the adapted columns (y's shape; other columns unset): `y` adds
+    `v = W drop(x) + s B A drop(x)` on the adapted columns (y's shape; other columns unset, or `W x` given
+    `dropped`): `y` adds
     `(c - 1) * v + s B A drop(x)`, the same sum, and `v` is the gradient's factor for `c`.
 
     `W drop(x)` is a second frozen GEMM on `kept` (`x` with the dropped elements zeroed), or, given `dropped` (the
@@ -376,10 +377,11 @@ def _dora_dropout_forward(y, x, kept, dropped, frozen, xa, B, scaling, p, slices
 
 def _transposed_tiles(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """`weight` (rows, in) as tiles of rows, each transposed into one reused contiguous buffer of 2^19 elements (2 MB of
-    float32, which stays in cache while it is used): (first row, tile (in, size)). The sparse products with W
-    (below) need its columns, which are strided in W's stored layout."""
+    float32, which stays in cache while it is used; more where 16 rows are wider): (first row, tile (in, size)). The
+    sparse products with W (below) need its columns, which are strided in W's stored layout."""
     rows, width = weight.shape
-    tile = min(rows, max(16, 1 << ((1 << 19) // width).bit_length() - 1))
+    budget = max(16, (1 << 19) // width)  # rows per tile, rounded down to a power of two; at least 16
+    tile = min(rows, 1 << (budget.bit_length() - 1))
     buffer = torch.empty(tile * width, dtype=weight.dtype, device=weight.device)
     for i in range(0, rows, tile):
         size = min(tile, rows - i)

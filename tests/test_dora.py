@@ -186,14 +186,15 @@ def test_a_base_weight_left_trainable_gets_the_formulas_gradient(monkeypatch, dr
                               use_dora=True, fan_in_fan_out=True).double()
     randomise(layer)
     layer.weight.requires_grad_(True)
-    x = torch.randn(5, 8, dtype=torch.float64)
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.zeros(x.shape, dtype=torch.bool)
     if dropout:
         mask.view(-1)[dropout_positions(SEED, x.numel(), dropout, x.device)] = True
     dy = torch.randn(5, 12, dtype=torch.float64)
-    got = torch.autograd.grad(layer(x), layer.weight, dy)[0]
-    want = torch.autograd.grad(explicit(layer, x, x.masked_fill(mask, 0) / (1 - dropout)), layer.weight, dy)[0]
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(layer(x), (layer.weight, x), dy)
+    want = torch.autograd.grad(explicit(layer, x, x.masked_fill(mask, 0) / (1 - dropout)), (layer.weight, x), dy)
+    for a, b in zip(got, want, strict=True):  # the weight's gradient, and dx beside it
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -218,28 +219,32 @@ def test_the_sparse_route_runs_in_float32_and_float64_from_128_rows(monkeypatch,
     # In 16 bits a CPU's GEMM is several times faster than float32's and the sparse product is not; below 128 rows
     # transposing W's tiles costs more than the GEMM it saves (benchmarks/lora_linear.py measures both).
     calls = []
-    bag = F.embedding_bag
-    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: calls.append(1) or bag(*a, **k))
+    bag, sampled = F.embedding_bag, torch.sparse.sampled_addmm
+    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: calls.append("forward") or bag(*a, **k))
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", lambda *a, **k: calls.append("backward") or sampled(*a, **k))
     layer = lora.Linear(8, 6, r=2, lora_dropout=0.1, use_dora=True).to(dtype)
-    layer(torch.randn(rows, 8, dtype=dtype)).float().sum().backward()
-    assert bool(calls) == sparse
+    layer(torch.randn(rows, 8, dtype=dtype, requires_grad=True)).float().sum().backward()
+    assert calls == (["forward", "backward"] if sparse else [])
 
 
-def test_the_sparse_product_tiles_wide_layers(monkeypatch):
-    # Tiles of 2^19 elements of W's transpose: 4 of them over 500 rows of a 4096-wide W, the last one shorter.
+@pytest.mark.parametrize(("width", "rows", "tiles"), [(4096, 500, [128, 128, 128, 116]), (2**19 + 1, 20, [16, 4])],
+                         ids=["4096-wide", "wider-than-a-tile"])
+def test_the_sparse_product_tiles_wide_layers(monkeypatch, width, rows, tiles):
+    # Tiles of 2^19 elements of W's transpose, in rows rounded down to a power of two (the last tile shorter), and
+    # at least 16 rows where those are wider than 2^19 elements.
     monkeypatch.setattr(lowrank, "new_seed", lambda: SEED)
     monkeypatch.setattr(lowrank, "SPARSE_DROPPED_PRODUCT_MIN_ROWS", 0)
     calls = []
     bag = F.embedding_bag
     monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: calls.append(a[1].shape) or bag(*a, **k))
     torch.manual_seed(0)
-    layer = lora.Linear(4096, 500, r=2, lora_dropout=0.2, use_dora=True).double()
+    layer = lora.Linear(width, rows, r=2, lora_dropout=0.2, use_dora=True).double()
     randomise(layer)
-    x = torch.randn(3, 4096, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, width, dtype=torch.float64, requires_grad=True)
     mask = torch.zeros(x.shape, dtype=torch.bool)
     mask.view(-1)[dropout_positions(SEED, x.numel(), 0.2, x.device)] = True
     got = layer(x)
-    assert calls == [(4096, 128)] * 3 + [(4096, 116)]
+    assert calls == [(width, size) for size in tiles]
     assert_same_in_float64(layer, x, got, explicit(layer, x, x.masked_fill(mask, 0) / 0.8))
 
 
