@@ -170,7 +170,7 @@ class _LowRankLinear(torch.autograd.Function):
         B = lora_B.to(dtype)
         A_t = A.t().contiguous()  # a contiguous A.T makes x @ A.T ~1.7x faster
         positions = kept = dropped = None
-        if p > 0.0 and col_scale is not None and not _sparse_dropped_product_pays(x):
+        if p > 0.0 and col_scale is not None and not _sparse_dropped_product_pays(x, p):
             # DoRA with dropout multiplies W too by x with the dropped elements zeroed, so that copy is made anyway
             with one_thread(x.device):
                 positions = dropout_positions(seed, x.numel(), p, x.device)
@@ -308,7 +308,7 @@ class _LowRankLinear(torch.autograd.Function):
                     dx = g @ A
                 else:
                     dx = torch.mm(g, A, out=dropped_x)
-                    if col_scale is not None and _sparse_dropped_product_pays(dx):
+                    if col_scale is not None and _sparse_dropped_product_pays(dx, p):
                         # dy (dy * c) is spent: its buffer takes the one GEMM's dy * (1 + (c - 1) / (1 - p)), and the
                         # dropped positions then get their own value, dy W there, as a sampled product
                         _scale_columns(dy, 1.0 + (col_scale.to(dtype) - 1) / (1.0 - p), slices, source=dy_out)
@@ -334,15 +334,18 @@ def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
 
 
 # DoRA with dropout computes W drop(x) as (W x - W D) / (1 - p), D the dropped elements (see
-# _dora_dropout_forward), where that beats a second frozen GEMM: on a CPU in float32 / float64 and from this many
-# rows of x, below which transposing W's tiles (a pass over W whatever the rows) costs more than the GEMM it saves.
-# In 16 bits a CPU's GEMM is several times faster and the sparse product is not, so the GEMM stays.
+# _dora_dropout_forward), where that beats a second frozen GEMM: on a CPU in float32 / float64, from this many rows
+# of x (below, transposing W's tiles, a pass over W whatever the rows, costs more than the GEMM it saves) and up to
+# this dropout rate (the sparse products' work grows with p, the GEMM's does not; in an A/B of one layer at 512
+# tokens the route still paid at p = 0.2 and no longer at 0.3). In 16 bits a CPU's GEMM is several times faster and
+# the sparse product is not, so the GEMM stays.
 SPARSE_DROPPED_PRODUCT_MIN_ROWS = 128
+SPARSE_DROPPED_PRODUCT_MAX_P = 0.2
 
 
-def _sparse_dropped_product_pays(x: torch.Tensor) -> bool:
+def _sparse_dropped_product_pays(x: torch.Tensor, p: float) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.shape[0] >= SPARSE_DROPPED_PRODUCT_MIN_ROWS)
+            and x.shape[0] >= SPARSE_DROPPED_PRODUCT_MIN_ROWS and p <= SPARSE_DROPPED_PRODUCT_MAX_P)
 
 
 def _dora_dropout_forward(y, x, kept, dropped, frozen, xa, B, scaling, p, slices, col_scale):

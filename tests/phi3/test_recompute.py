@@ -10,7 +10,6 @@ import torch
 from phi3_tiny import TINY, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lora.lowrank as lowrank
 from lora.phi3 import Phi3ForCausalLM, patch
 
 GEMMS = {"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm_.default"}
@@ -106,16 +105,13 @@ def _step(keep, checkpointing, dtype, dropout=0.1, use_dora=False):
     return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-# DoRA with dropout in float32 from SPARSE_DROPPED_PRODUCT_MIN_ROWS rows: W drop(x) = (W x - W D) / (1 - p), one
-# frozen GEMM fewer in each forward; below, a second GEMM. Lowered to 0 here to run it on the tiny batch.
-SPARSE = {"sparse": 0, "gemm": 10**9}
-
-
+# DoRA with dropout in float32 from lora.lowrank.SPARSE_DROPPED_PRODUCT_MIN_ROWS rows: W drop(x) = (W x - W D) /
+# (1 - p), one frozen GEMM fewer each way; below, a second GEMM. conftest's dora_route forces either on the tiny batch.
 @pytest.mark.parametrize(("dtype", "use_dora", "dropout", "route"), [
     (torch.float32, False, 0.1, "gemm"), (torch.bfloat16, False, 0.1, "gemm"), (torch.float32, True, 0.1, "gemm"),
     (torch.float32, True, 0.1, "sparse"), (torch.bfloat16, True, 0.0, "gemm")])
-def test_kept_outputs_give_the_same_loss_and_gradients_bit_for_bit(monkeypatch, dtype, use_dora, dropout, route):
-    monkeypatch.setattr(lowrank, "SPARSE_DROPPED_PRODUCT_MIN_ROWS", SPARSE[route])
+def test_kept_outputs_give_the_same_loss_and_gradients_bit_for_bit(dora_route, dtype, use_dora, dropout, route):
+    dora_route(route)
     _, plain_loss, plain = _step((), False, dtype, dropout, use_dora)
     _, full_loss, full = _step((), True, dtype, dropout, use_dora)
     _, kept_loss, kept = _step(KEEPABLE, True, dtype, dropout, use_dora)
@@ -131,9 +127,9 @@ def test_kept_outputs_give_the_same_loss_and_gradients_bit_for_bit(monkeypatch, 
 # norm, whose (out, r) product W A^T is recomputed either way.
 @pytest.mark.parametrize(("use_dora", "route", "kept_count", "recomputed_count"),
                          [(False, "gemm", 1, 2), (True, "gemm", 3, 5), (True, "sparse", 2, 3)])
-def test_a_kept_projections_frozen_gemm_runs_once_in_backward(monkeypatch, use_dora, route, kept_count,
+def test_a_kept_projections_frozen_gemm_runs_once_in_backward(dora_route, use_dora, route, kept_count,
                                                                recomputed_count):
-    monkeypatch.setattr(lowrank, "SPARSE_DROPPED_PRODUCT_MIN_ROWS", SPARSE[route])
+    dora_route(route)
     torch.manual_seed(0)
     model = Phi3ForCausalLM(tiny_config()).requires_grad_(False)
     patch(model, r=2, lora_alpha=4, lora_dropout=0.1, use_dora=use_dora)
