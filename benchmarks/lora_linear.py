@@ -6,7 +6,10 @@ Times `y = layer(x); y.backward(dy)` with the input requiring grad and the base 
 - `lora`: `lora.Linear` (and `lora.MergedLinear` with q|k|v slices on the fused qkv shape);
 - `peft`: PEFT's LoRA layer via `get_peft_model` (float32 adapters, as PEFT makes them);
 - `loralib`: loralib 0.1.2's `Linear` / `MergedLinear` (its adapters take the base's dtype);
-- `lora dora` / `peft dora`: DoRA (`use_dora=True`) in each, compared with each other.
+- `lora dora` / `peft dora`: DoRA (`use_dora=True`) in each, compared with each other;
+- with `--dora-routes` (float32 with dropout): `lora dora sparse` / `lora dora gemm`, our DoRA layer forced onto
+  each of its two ways of computing `W drop(x)` (lora.lowrank: from `W x` and the dropped elements, or a second
+  frozen GEMM), compared with each other: what the route's bounds (rows, dropout rate) rest on.
 
 Variants run interleaved, round after round (each round starting at the next variant), so the machine's
 noise hits them alike; each cell is the median over rounds of the ratio to the floor's time in the same
@@ -25,22 +28,28 @@ per storage, not counting the input or the parameters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 import lora
+import lora.lowrank as lowrank
 
 PHI3_MINI_SHAPES = [("qkv_proj", 3072, 9216), ("o_proj", 3072, 3072), ("gate_up_proj", 3072, 16384),
                     ("down_proj", 8192, 3072)]
 QUICK_SHAPES = [("qkv_proj", 64, 192), ("o_proj", 64, 64), ("gate_up_proj", 64, 256), ("down_proj", 128, 64)]
 PEERS = ("peft", "loralib")  # the other LoRA layers each variant's time is compared with, round by round
 # a DoRA layer is compared with PEFT's DoRA layer (shown in the x peft column); it has no loralib twin
-PEER_VARIANT = {"lora dora": {"peft": "peft dora"}, "peft dora": {"peft": "peft dora"}}
+PEER_VARIANT = {"lora dora": {"peft": "peft dora"}, "peft dora": {"peft": "peft dora"},
+                "lora dora sparse": {"gemm route": "lora dora gemm"}, "lora dora gemm": {}}
+# --dora-routes: lora.lowrank's bounds of the sparse route, set for the duration of each forced variant's step
+FORCED_ROUTES = {"lora dora sparse": {"SPARSE_DROPPED_PRODUCT_MIN_ROWS": 0, "SPARSE_DROPPED_PRODUCT_MAX_P": 1.0},
+                 "lora dora gemm": {"SPARSE_DROPPED_PRODUCT_MIN_ROWS": 1 << 62}}
 DORA_TARGET, DORA_SPEEDUP = 1.15, 1.5  # DoRA at most 1.15x the floor, at least 1.5x faster than PEFT's DoRA
 # Each mode: (label, dtype of the layer and its input, autocast dtype or None). The autocast mode is what
 # `Trainer(bf16=True)` runs: a float32 layer and input, forward under torch.autocast("cpu", torch.bfloat16).
@@ -63,13 +72,29 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
-def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float) -> dict[str, nn.Module]:
+@contextlib.contextmanager
+def forced_route(variant: str) -> Iterator[None]:
+    """For a `--dora-routes` variant, lora.lowrank's route bounds set to force its route; else nothing."""
+    saved = {name: getattr(lowrank, name) for name in FORCED_ROUTES.get(variant, {})}
+    for name, value in FORCED_ROUTES.get(variant, {}).items():
+        setattr(lowrank, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(lowrank, name, value)
+
+
+def build_variants(base: nn.Linear, name: str, r: int, alpha: int, p: float,
+                   dora_routes: bool = False) -> dict[str, nn.Module]:
     dtype = base.weight.dtype
     in_f, out_f = base.in_features, base.out_features
     variants: dict[str, nn.Module] = {"floor": base}
     variants["lora"] = lora.Linear.from_module(base, r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False)
-    variants["lora dora"] = lora.Linear.from_module(base, r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False,
-                                                    use_dora=True)
+    dora = ["lora dora"] + (list(FORCED_ROUTES) if dora_routes else [])
+    for key in dora:
+        variants[key] = lora.Linear.from_module(base, r=r, lora_alpha=alpha, lora_dropout=p, merge_weights=False,
+                                                use_dora=True)
     if name == "qkv_proj":
         third = out_f // 3
         variants["lora merged"] = lora.MergedLinear.from_module(
@@ -155,7 +180,8 @@ def bf16_is_slow(tokens: int) -> float:
     return times[torch.bfloat16] / times[torch.float32]
 
 
-def run(mode: str, shapes, tokens: int, rounds: int, r: int, alpha: int, dropouts=(0.05, 0.0)) -> list[dict]:
+def run(mode: str, shapes, tokens: int, rounds: int, r: int, alpha: int, dropouts=(0.05, 0.0),
+        dora_routes: bool = False) -> list[dict]:
     dtype, autocast = MODES[mode]
 
     def forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -172,19 +198,23 @@ def run(mode: str, shapes, tokens: int, rounds: int, r: int, alpha: int, dropout
         for name, in_f, out_f in shapes:
             torch.manual_seed(0)
             base = nn.Linear(in_f, out_f, bias=False, dtype=dtype).requires_grad_(False)
-            variants = build_variants(base, name, r, alpha, p)
+            # the routes differ only where the compute dtype is float32 and there is dropout
+            variants = build_variants(base, name, r, alpha, p, dora_routes and autocast is None and p > 0
+                                      and dtype == torch.float32)
             x = torch.randn(tokens, in_f, dtype=dtype, requires_grad=True)
             dy = torch.randn(tokens, out_f, dtype=autocast or dtype)
             times: dict[str, list[float]] = {k: [] for k in variants}
-            for module in variants.values():  # warm-up
-                forward(module, x).backward(dy)
+            for key, module in variants.items():  # warm-up
+                with forced_route(key):
+                    forward(module, x).backward(dy)
             order = list(variants.items())
             for i in range(rounds):
                 # each round starts at a different variant, so no one always runs right after the same other
                 for key, module in order[i % len(order):] + order[:i % len(order)]:
-                    start = time.perf_counter()
-                    forward(module, x).backward(dy)
-                    times[key].append(time.perf_counter() - start)
+                    with forced_route(key):
+                        start = time.perf_counter()
+                        forward(module, x).backward(dy)
+                        times[key].append(time.perf_counter() - start)
             floor_saved = saved_bytes(lambda m=base, x=x: forward(m, x), [x, base.weight])
             for key, module in variants.items():
                 ratios = [t / f for t, f in zip(times[key], times["floor"], strict=True)]
@@ -193,7 +223,8 @@ def run(mode: str, shapes, tokens: int, rounds: int, r: int, alpha: int, dropout
                 peers = PEER_VARIANT.get(key, {peer: peer for peer in PEERS})
                 to_peer = {peer: [t / f for t, f in zip(times[key], times[twin], strict=True)]
                            for peer, twin in peers.items() if twin in times}
-                saved = saved_bytes(lambda m=module, x=x: forward(m, x), [x, *module.parameters()]) - floor_saved
+                with forced_route(key):
+                    saved = saved_bytes(lambda m=module, x=x: forward(m, x), [x, *module.parameters()]) - floor_saved
                 rows.append(dict(dtype=mode, dropout=p, shape=f"{name} {in_f}->{out_f}",
                                  variant=key, ms=statistics.median(times[key]) * 1e3,
                                  ratio=statistics.median(ratios), ci=median_ci(ratios),
@@ -219,6 +250,14 @@ def print_table(rows: list[dict], check: bool) -> None:
               f"{row['ratio']:.3f} | {row['ci'][0]:.3f}-{row['ci'][1]:.3f} | "
               f"{row['spread'][0]:.3f}-{row['spread'][1]:.3f} | {vs['peft']} | {vs['loralib']} | "
               f"{row['saved_mb']:.1f} |")
+    routes = [row for row in rows if row["variant"] == "lora dora sparse"]
+    if routes:
+        print()
+    for row in routes:  # no target: what the route's bounds in lora.lowrank rest on
+        ratio, ci = row["to_peer"]["gemm route"]
+        verdict = _verdict(ci, 1.0, "faster", "SLOWER", strict=True)
+        print(f"{row['dtype']} dropout {row['dropout']} {row['shape']}: DoRA's sparse route {ratio:.3f}x the GEMM "
+              f"route's time (95% CI {ci[0]:.3f}-{ci[1]:.3f}): {verdict}")
     if not check:
         return
     print()
@@ -248,6 +287,9 @@ def main() -> None:
     parser.add_argument("--shapes", default="all",
                         help="comma-separated shape names to run (qkv_proj,o_proj,gate_up_proj,down_proj)")
     parser.add_argument("--dropouts", default="0.05,0.0", help="comma-separated dropout rates")
+    parser.add_argument("--dora-routes", action="store_true",
+                        help="also time our DoRA layer forced onto each of its two routes for W drop(x) (float32 "
+                             "with dropout), against each other")
     parser.add_argument("--dtypes", default="auto",
                         help=f"comma-separated modes ({','.join(MODES)}); 'auto' runs all of them but skips the "
                              "bf16 ones on CPUs where a bf16 matmul is over 3x slower than float32")
@@ -278,7 +320,7 @@ def main() -> None:
     print(f"{tokens} tokens, r={r}, alpha={alpha}, {rounds} interleaved rounds, {torch.get_num_threads()} threads\n")
     rows = []
     for mode in modes:
-        rows += run(mode, shapes, tokens, rounds, r=r, alpha=alpha, dropouts=dropouts)
+        rows += run(mode, shapes, tokens, rounds, r=r, alpha=alpha, dropouts=dropouts, dora_routes=args.dora_routes)
     print_table(rows, check=not args.quick)
 
 

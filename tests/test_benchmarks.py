@@ -15,15 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_lora_linear_quick_mode_prints_every_variant():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_linear.py"), "--quick"],
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_linear.py"), "--quick", "--dora-routes"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")]
+    routes = {"lora dora sparse", "lora dora gemm"}  # --dora-routes: float32 with dropout only
     for mode in ("float32", "bfloat16", "float32 autocast-bf16"):  # autocast: what Trainer(bf16=True) runs
         of_mode = [row for row in rows if row[0] == f"| {mode}"]
         variants = {"floor", "lora", "lora merged", "lora dora", "peft", "peft dora", "loralib", "loralib merged"}
         assert variants <= {row[3] for row in of_mode}
         assert len({row[2] for row in of_mode}) == 4  # the four Phi-3 projection shapes
+        with_routes = {(row[1], row[2]) for row in of_mode if row[3] in routes}
+        assert with_routes == ({("0.05", row[2]) for row in of_mode} if mode == "float32" else set())
+    compared = [line for line in result.stdout.splitlines() if "DoRA's sparse route" in line]
+    assert len(compared) == 4 and all(line.startswith("float32 dropout 0.05 ") for line in compared)
 
 
 def _lora_linear_module():
