@@ -335,11 +335,11 @@ def _dequantized(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch
 
 # DoRA with dropout computes W drop(x) as (W x - W D) / (1 - p), D the dropped elements (see
 # _dora_dropout_forward), where that beats a second frozen GEMM: on a CPU in float32 / float64, from this many rows
-# of x (below, transposing W's tiles, a pass over W whatever the rows, costs more than the GEMM it saves) and up to
-# this dropout rate (the sparse products' work grows with p, the GEMM's does not; in an A/B of one layer at 512
-# tokens the route still paid at p = 0.2 and no longer at 0.3). In 16 bits a CPU's GEMM is several times faster and
-# the sparse product is not, so the GEMM stays.
-SPARSE_DROPPED_PRODUCT_MIN_ROWS = 128
+# of x (transposing W's tiles is a pass over W whatever the rows) and up to this dropout rate (the sparse products'
+# work grows with p, the GEMM's does not). `python benchmarks/lora_linear.py --dora-routes` times both routes: at
+# 256 tokens the sparse one was faster at p = 0.05-0.2, at 128 about even, at 512 slower from p = 0.3. In 16 bits a
+# CPU's GEMM is several times faster and the sparse products are not, so the GEMM stays.
+SPARSE_DROPPED_PRODUCT_MIN_ROWS = 256
 SPARSE_DROPPED_PRODUCT_MAX_P = 0.2
 
 
