@@ -303,25 +303,22 @@ class _LowRankLinear(torch.autograd.Function):
                 # adapter GEMM accumulates instead: 0.3-1% of a step at o_proj and down_proj in an A/B.
                 dx = dy_frozen @ frozen
                 dx.addmm_(g, A)
-            else:
-                if positions is None:
-                    dx = g @ A
-                else:
-                    dx = torch.mm(g, A, out=dropped_x)
-                    if col_scale is not None and _sparse_dropped_product_pays(dx, p):
-                        # dy (dy * c) is spent: its buffer takes the one GEMM's dy * (1 + (c - 1) / (1 - p)), and the
-                        # dropped positions then get their own value, dy W there, as a sampled product
-                        _scale_columns(dy, 1.0 + (col_scale.to(dtype) - 1) / (1.0 - p), slices, source=dy_out)
-                        dx.addmm_(dy, frozen)
-                        dx.view(-1).put_(positions, _dropped_positions_product(dy_out, frozen, positions, dx.shape))
-                        dy_frozen = None
-                    elif col_scale is not None:  # dy (dy * c) is spent: its buffer takes dy * (c - 1)
-                        _add_dora_dropout_grad(dx, dy_out, frozen, col_scale, slices, p, buffer=dy)
-                    if dy_frozen is not None:
-                        dx.view(-1).index_fill_(0, positions, 0)
+            elif positions is None:
                 # The frozen layer's input gradient accumulates onto the adapter's: one GEMM, no extra pass.
-                if dy_frozen is not None:
-                    dx.addmm_(dy_frozen, frozen)
+                dx = (g @ A).addmm_(dy_frozen, frozen)
+            elif col_scale is not None and _sparse_dropped_product_pays(dropped_x, p):
+                # dy (dy * c) is spent: its buffer takes the one GEMM's dy * (1 + (c - 1) / (1 - p)), and the
+                # dropped positions then get their own value, dy W there, as a sampled product
+                dx = torch.mm(g, A, out=dropped_x)
+                _scale_columns(dy, 1.0 + (col_scale.to(dtype) - 1) / (1.0 - p), slices, source=dy_out)
+                dx.addmm_(dy, frozen)
+                dx.view(-1).put_(positions, _dropped_positions_product(dy_out, frozen, positions, dx.shape))
+            else:
+                dx = torch.mm(g, A, out=dropped_x)
+                if col_scale is not None:  # dy (dy * c) is spent: its buffer takes dy * (c - 1)
+                    _add_dora_dropout_grad(dx, dy_out, frozen, col_scale, slices, p, buffer=dy)
+                dx.view(-1).index_fill_(0, positions, 0)
+                dx.addmm_(dy_frozen, frozen)  # onto the masked adapter gradient, as above
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy_out.sum(0)
         return dx, dweight, dbias, dA, dB, None, None, None, None, None, dscale, None, None
