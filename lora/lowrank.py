@@ -168,7 +168,6 @@ class _LowRankLinear(torch.autograd.Function):
         wide = torch.promote_types(dtype, torch.float32)
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
-        A_t = A.t().contiguous()  # a contiguous A.T makes x @ A.T ~1.7x faster
         positions = kept = dropped = None
         if p > 0.0 and col_scale is not None and not _sparse_dropped_product_pays(x, p):
             # DoRA with dropout multiplies W too by x with the dropped elements zeroed, so that copy is made anyway
@@ -176,17 +175,17 @@ class _LowRankLinear(torch.autograd.Function):
                 positions = dropout_positions(seed, x.numel(), p, x.device)
             kept = x.clone()
             kept.view(-1).index_fill_(0, positions, 0)
-            xa = kept @ A_t
+            xa = kept @ A.t()
         else:
-            xa = x @ A_t  # (N, r * len(slices))
+            xa = x @ A.t()  # (N, r * len(slices)); A.T as a view: a contiguous copy costs more than it saves
             if p > 0.0:
                 # drop(x) @ A.T = (x @ A.T - dropped @ A.T) / (1 - p); `dropped` is sparse (a fraction p of x).
                 with one_thread(x.device):
                     positions = dropout_positions(seed, x.numel(), p, x.device)
                     values = torch.take(x, positions).to(wide)
-                    A_wide_t = A_t if wide == dtype else lora_A.to(wide).t().contiguous()
+                    A_wide = A if wide == dtype else lora_A.to(wide)
                     dropped = _dropped(positions, values, x.shape)
-                    correction = dropped @ A_wide_t
+                    correction = dropped @ A_wide.t()
                 xa -= correction.to(dtype)
         if p > 0.0:
             xa *= 1.0 / (1.0 - p)
@@ -281,8 +280,8 @@ class _LowRankLinear(torch.autograd.Function):
             # fill cost less here than sorting the drops into a transposed sparse matrix.
             dropped_x = torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
             dropped_x.view(-1).index_fill_(0, positions, 0)
-        # (r * len(slices), in), computed as (x.T @ g).T: MKL runs this orientation of the skinny GEMM faster
-        dA = (dropped_x.t().to(grad_dtype) @ g.to(grad_dtype)).t().to(lora_A.dtype)
+        # (r * len(slices), in), as g.T @ x: contiguous, the parameter's layout, so AccumulateGrad keeps it as it is
+        dA = (g.t().to(grad_dtype) @ dropped_x.to(grad_dtype)).to(lora_A.dtype)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[1]:  # a base weight left trainable; before dropped_x becomes dx
             dweight = dy_frozen.t() @ x  # (out, in)
