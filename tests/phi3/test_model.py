@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from phi3_tiny import TINY, longrope, tiny_config
 
 from lora.phi3 import Phi3ForCausalLM, chunked_cross_entropy, from_pretrained
-from lora.phi3.model import document_ids_from_positions
+from lora.phi3.model import Phi3RMSNorm, document_ids_from_positions
 
 pytest.importorskip("transformers")
 
@@ -173,6 +173,54 @@ def test_chunked_cross_entropy_bf16_matches_full_logits() -> None:
     assert abs(loss.item() - reference.item()) <= 1e-5
     assert torch.allclose(grads[0].float(), hidden.grad.float(), atol=1e-2)
     assert torch.allclose(grads[1].float(), weight.grad.float(), atol=1e-2)
+
+
+def _rmsnorm_by_autograd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' Phi3RMSNorm.forward, op for op
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_transformers_bit_for_bit_and_its_gradients_are_autograds(dtype) -> None:
+    torch.manual_seed(0)
+    norm = Phi3RMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    x = (torch.randn(2, 7, 64) * 3).to(dtype).requires_grad_()
+    dy = torch.randn(2, 7, 64).to(dtype)
+    got = norm(x)
+    before = x.detach().clone()
+    dx, dweight = torch.autograd.grad(got, (x, norm.weight), dy)
+    assert torch.equal(x, before)  # backward leaves its saved input as it was
+    expected = _rmsnorm_by_autograd(x, norm.weight, 1e-5)
+    dx_ref, dweight_ref = torch.autograd.grad(expected, (x, norm.weight), dy)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    # the same maths in another order: float32 rounding apart, then one rounding to the dtype (bf16: a few ulps of
+    # the largest element, since each is a float32 sum rounded once)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for value, reference in ((dx, dx_ref), (dweight, dweight_ref)):
+        assert value.dtype == dtype
+        assert (value.float() - reference.float()).abs().max() <= tol * reference.float().abs().max()
+
+
+def test_rmsnorm_saves_its_input_and_one_float_per_row() -> None:
+    # not float32 copies of the input (each twice its bytes in bf16): those set a checkpointed layer's peak memory
+    x = torch.randn(3, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    norm = Phi3RMSNorm(64).to(torch.bfloat16).requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x)
+    assert sum(t.numel() * t.element_size() for t in saved) == x.numel() * 2 + 64 * 2 + 3 * 16 * 4
+
+
+def test_rmsnorm_refuses_a_second_derivative() -> None:
+    x = torch.randn(2, 8, dtype=torch.float32, requires_grad=True)
+    y = Phi3RMSNorm(8)(x)
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)  # dy = 2y depends on x
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.sum().backward()
 
 
 def test_gradient_checkpointing_gives_same_gradients() -> None:
