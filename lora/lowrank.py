@@ -77,22 +77,39 @@ def dropout_positions(seed: int, numel: int, p: float, device: torch.device) -> 
     return positions[: int(torch.searchsorted(positions, numel))]
 
 
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+class _Dropped(NamedTuple):
+    """The dropped elements of an (N, in) matrix, row by row: where each row's start in `col` / `values` is
+    (`starts`, (N,)), their columns (`col`) and their values (`values`, float32 or float64)."""
+
+    starts: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+
+    def times(self, weight: torch.Tensor) -> torch.Tensor:
+        """`D @ weight` for a contiguous `weight` (in, k): each row's sum of `weight`'s rows at its dropped columns,
+        weighted by the values, which `embedding_bag` computes in one pass (a sparse CSR product costs twice that
+        here, and about 70 us more per call)."""
+        return torch.nn.functional.embedding_bag(self.col, weight, self.starts, mode="sum",
+                                                 per_sample_weights=self.values)
+
+
+def _dropped(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> _Dropped:
+    """The dropped elements of an (N, in) matrix from their sorted flat `positions` and their `values`: each row's
+    start is a binary search of its first flat index."""
+    n, d = shape
+    starts = torch.searchsorted(positions, torch.arange(0, n * d, d, dtype=torch.int64, device=positions.device))
+    return _Dropped(starts, positions % d, values)
+
+
+def _csr_pattern(positions: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The dropped positions of an (N, in) matrix as a sparse CSR matrix of zeros: a sampled product's pattern."""
+    n, d = shape
+    crow = torch.searchsorted(positions, torch.arange(0, (n + 1) * d, d, dtype=torch.int64, device=positions.device))
+    values = torch.zeros(positions.shape, dtype=dtype, device=positions.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-def _dropped(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The dropped elements of an (N, in) matrix as a sparse CSR matrix (N, in).
-
-    `positions` are the sorted flat indices and `values` the elements there, so the row pointers are
-    a binary search of each row's first flat index.
-    """
-    n, d = shape
-    starts = torch.arange(0, (n + 1) * d, d, dtype=torch.int64, device=positions.device)
-    crow = torch.searchsorted(positions, starts).to(torch.int32)
-    return _csr(crow, (positions % d).to(torch.int32), values, shape)
+        return torch.sparse_csr_tensor(crow.to(torch.int32), (positions % d).to(torch.int32), values, shape,
+                                       check_invariants=False)
 
 
 @contextlib.contextmanager
@@ -179,13 +196,11 @@ class _LowRankLinear(torch.autograd.Function):
         else:
             xa = x @ A.t()  # (N, r * len(slices)); A.T as a view: a contiguous copy costs more than it saves
             if p > 0.0:
-                # drop(x) @ A.T = (x @ A.T - dropped @ A.T) / (1 - p); `dropped` is sparse (a fraction p of x).
+                # drop(x) @ A.T = (x @ A.T - D @ A.T) / (1 - p); D, the dropped elements, is a fraction p of x.
                 with one_thread(x.device):
                     positions = dropout_positions(seed, x.numel(), p, x.device)
-                    values = torch.take(x, positions).to(wide)
-                    A_wide = A if wide == dtype else lora_A.to(wide)
-                    dropped = _dropped(positions, values, x.shape)
-                    correction = dropped @ A_wide.t()
+                    dropped = _dropped(positions, torch.take(x, positions).to(wide), x.shape)
+                    correction = dropped.times((A if wide == dtype else lora_A.to(wide)).t().contiguous())
                 xa -= correction.to(dtype)
         if p > 0.0:
             xa *= 1.0 / (1.0 - p)
@@ -352,7 +367,7 @@ def _dora_dropout_forward(y, x, kept, dropped, frozen, xa, B, scaling, p, slices
     `(c - 1) * v + s B A drop(x)`, the same sum, and `v` is the gradient's factor for `c`.
 
     `W drop(x)` is a second frozen GEMM on `kept` (`x` with the dropped elements zeroed), or, given `dropped` (the
-    dropped elements as a sparse CSR matrix D, where `_sparse_dropped_product_pays`), `(W x - W D) / (1 - p)` from
+    dropped elements D, where `_sparse_dropped_product_pays`), `(W x - W D) / (1 - p)` from
     the one GEMM `W x` and the sparse product `W D` (a fraction p of the multiply-adds).
     """
     v = torch.empty(y.shape, dtype=y.dtype, device=y.device)
@@ -389,18 +404,15 @@ def _transposed_tiles(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]
         yield i, transposed
 
 
-def _subtract_dropped_product(out: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor) -> None:
-    """`out -= dropped @ weight.T` for a sparse CSR `dropped` (N, in) and a dense `weight` (rows, in).
+def _subtract_dropped_product(out: torch.Tensor, dropped: _Dropped, weight: torch.Tensor) -> None:
+    """`out -= D @ weight.T` for the dropped elements D of an (N, in) matrix and a dense `weight` (rows, in).
 
-    Each dropped element adds its value times a column of `weight`: per transposed tile of W, a sum of the tile's
-    rows per row of `dropped`, which is what `embedding_bag` computes. MKL's sparse-times-dense product on W as it
-    is stored (a strided W.T) runs close to a dense GEMM's time.
+    Each dropped element adds its value times a column of `weight`, so the product runs per transposed tile of W
+    (`_Dropped.times`). MKL's sparse-times-dense product on W as it is stored (a strided W.T) runs close to a
+    dense GEMM's time.
     """
-    starts = dropped.crow_indices()[:-1]
-    col, values = dropped.col_indices(), dropped.values()
     for i, transposed in _transposed_tiles(weight):
-        out[:, i : i + transposed.shape[1]].sub_(torch.nn.functional.embedding_bag(
-            col, transposed, starts, mode="sum", per_sample_weights=values))
+        out[:, i : i + transposed.shape[1]].sub_(dropped.times(transposed))
 
 
 def _dropped_positions_product(dy: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor,
@@ -408,7 +420,7 @@ def _dropped_positions_product(dy: torch.Tensor, weight: torch.Tensor, positions
     """`(dy @ weight).view(-1)[positions]` for `weight` (out, in) and the sorted flat `positions` of an (N, in)
     matrix, without the rest of the product: a sampled product per transposed tile of W (`sampled_addmm` on W as
     stored runs at a dense GEMM's time)."""
-    pattern = _dropped(positions, torch.zeros(positions.shape, dtype=dy.dtype, device=dy.device), shape)
+    pattern = _csr_pattern(positions, shape, dy.dtype)
     total = None
     for i, transposed in _transposed_tiles(weight):
         part = torch.sparse.sampled_addmm(pattern, dy[:, i : i + transposed.shape[1]], transposed.t(),

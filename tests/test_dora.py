@@ -221,9 +221,9 @@ def test_the_sparse_route_runs_in_float32_and_float64_from_256_rows_up_to_dropou
     # rows transposing W's tiles costs about what the GEMM saves, and above p = 0.2 the sparse products' work does
     # (`benchmarks/lora_linear.py --dora-routes` times both routes).
     calls = []
-    bag, sampled = F.embedding_bag, torch.sparse.sampled_addmm
-    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: calls.append("forward") or bag(*a, **k))
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", lambda *a, **k: calls.append("backward") or sampled(*a, **k))
+    forward, backward = lowrank._subtract_dropped_product, lowrank._dropped_positions_product
+    monkeypatch.setattr(lowrank, "_subtract_dropped_product", lambda *a: calls.append("forward") or forward(*a))
+    monkeypatch.setattr(lowrank, "_dropped_positions_product", lambda *a: calls.append("backward") or backward(*a))
     layer = lora.Linear(8, 6, r=2, lora_dropout=p, use_dora=True).to(dtype)
     layer(torch.randn(rows, 8, dtype=dtype, requires_grad=True)).float().sum().backward()
     assert calls == (["forward", "backward"] if sparse else [])
@@ -237,8 +237,9 @@ def test_the_sparse_product_tiles_wide_layers(monkeypatch, dora_route, width, ro
     monkeypatch.setattr(lowrank, "new_seed", lambda: SEED)
     dora_route("sparse")
     calls = []
-    bag = F.embedding_bag
-    monkeypatch.setattr(F, "embedding_bag", lambda *a, **k: calls.append(a[1].shape) or bag(*a, **k))
+    tiles_of = lowrank._transposed_tiles
+    monkeypatch.setattr(lowrank, "_transposed_tiles",
+                        lambda weight: ((i, calls.append(t.shape) or t) for i, t in tiles_of(weight)))
     torch.manual_seed(0)
     layer = lora.Linear(width, rows, r=2, lora_dropout=0.2, use_dora=True).double()
     randomise(layer)

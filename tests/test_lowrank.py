@@ -55,6 +55,25 @@ def test_gradcheck_against_autograd(p, fan_in_fan_out, slices, with_bias):
     torch.testing.assert_close(fn(x, W, b, A, B), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(("n", "p"), [(0, 0.3), (1, 0.999999), (3, 1e-9), (5, 0.5)],
+                         ids=["no-rows", "all-dropped", "none-dropped", "half"])
+def test_the_dropout_correction_at_the_edges(n, p):
+    # drop(x) @ A.T comes from x @ A.T minus the dropped elements' product: rows with no drops, with every element
+    # dropped, and no rows at all take the same maths as the reference's masked copy.
+    torch.manual_seed(0)
+    x = torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 5, dtype=torch.float64)
+    A = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    out = _apply(x, W, None, A, B, 2.0, p, 77, ((0, 4),), False)
+    expected = reference(x, W, None, A, B, 2.0, dropout_mask(77, x.shape, p), 1 - p, ((0, 4),), False)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, (x, A, B), dy), torch.autograd.grad(expected, (x, A, B), dy),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_nothing_reads_uninitialised_memory(monkeypatch, p):
     # Buffers written with beta = 0 are allocated uninitialised: without a bias, when the adapter slices cover
