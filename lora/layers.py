@@ -700,8 +700,14 @@ class Linear(LoRALayer, nn.Linear):
         custom_dropout = type(self.lora_dropout) not in (nn.Dropout, nn.Identity)
         p = self._lora_dropout_p()
         col_scale = None
+        kept = lowrank.KeptOutputs.for_module(self)
         if self.use_dora:
-            col_scale = self.lora_magnitude / self.dora_norm()  # m / n, n detached (DoRA, section 4.3)
+            # In a checkpointed call's recomputation, the first forward's n (the same W, A, B): no second W A^T
+            earlier = kept.take_rank_product() if kept is not None else None
+            norm = earlier[0] if earlier is not None else self.dora_norm()
+            if kept is not None and earlier is None:
+                kept.put_rank_product(norm)
+            col_scale = self.lora_magnitude / norm  # m / n, n detached (DoRA, section 4.3)
             if custom_dropout:
                 return self._dora_with_dropout(x, col_scale)
         elif custom_dropout:
@@ -717,7 +723,7 @@ class Linear(LoRALayer, nn.Linear):
             slices=self.lora_slices,
             fan_in_fan_out=self.fan_in_fan_out,
             col_scale=col_scale,
-            kept=lowrank.KeptOutputs.for_module(self),
+            kept=kept,
         )
 
     def _dora_with_dropout(self, x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:

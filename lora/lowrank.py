@@ -180,13 +180,20 @@ class _LowRankLinear(torch.autograd.Function):
         # x: (N, in); slices: the LoRASlices of the adapted output columns (lora.slices), in B's row order;
         # col_scale: DoRA's m / n for those columns (in B's row order), or None; quant_state: the bitsandbytes
         # state of a packed 4-bit weight, which is dequantized here into a temporary (and again in backward);
-        # keep: DoRA's slot of selective recomputation (KeptOutputs), whose frozen GEMMs run in here
+        # keep: this module's slot in a checkpointed call (KeptOutputs): for LoRA the first forward's rank-r product,
+        # which the recomputation takes instead of redoing it (and its dropout); for DoRA the kept outputs of
+        # selective recomputation too, whose frozen GEMMs run in here
         dtype = x.dtype
         wide = torch.promote_types(dtype, torch.float32)
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
         positions = kept = dropped = None
-        if p > 0.0 and col_scale is not None and not _sparse_dropped_product_pays(x, p):
+        earlier_xa = keep.take_rank_product() if keep is not None and col_scale is None else None
+        if earlier_xa is not None:
+            # the recomputation: the first forward's drop(x) @ A.T / (1 - p), bit for bit (the same x and seed);
+            # backward draws the positions again from the seed
+            (xa,) = earlier_xa
+        elif p > 0.0 and col_scale is not None and not _sparse_dropped_product_pays(x, p):
             # DoRA with dropout multiplies W too by x with the dropped elements zeroed, so that copy is made anyway
             with one_thread(x.device):
                 positions = dropout_positions(seed, x.numel(), p, x.device)
@@ -202,8 +209,10 @@ class _LowRankLinear(torch.autograd.Function):
                     dropped = _dropped(positions, torch.take(x, positions).to(wide), x.shape)
                     correction = dropped.times((A if wide == dtype else lora_A.to(wide)).t().contiguous())
                 xa -= correction.to(dtype)
-        if p > 0.0:
+        if p > 0.0 and earlier_xa is None:
             xa *= 1.0 / (1.0 - p)
+        if keep is not None and col_scale is None and earlier_xa is None:
+            keep.put_rank_product(xa)
 
         # The adapters' output first, then the frozen GEMM accumulates onto it (beta = 1): one rounding of the
         # sum, and one pass over y fewer than adding the adapters' output afterwards. When the slices cover
@@ -225,7 +234,7 @@ class _LowRankLinear(torch.autograd.Function):
             y[:, s.offset : s.offset + s.size].addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r],
                                                       B[s.row : s.row + s.size].t(), beta=beta, alpha=scaling)
         unscaled = None
-        earlier = keep.take() if keep is not None else None
+        earlier = keep.take() if keep is not None and col_scale is not None else None
         if earlier is not None:
             # DoRA's recomputation with the first forward's output (and v or the unscaled copy): no frozen GEMM
             y.copy_(earlier[0])
@@ -249,19 +258,27 @@ class _LowRankLinear(torch.autograd.Function):
             _scale_columns(y, col_scale.to(dtype), slices)
             if bias is not None:
                 y += bias
-        if keep is not None and earlier is None:
+        if keep is not None and col_scale is not None and earlier is None:
             keep.put(y, *([] if unscaled is None else [unscaled]))
+        if earlier_xa is not None or (keep is not None and col_scale is None):
+            # In a checkpointed call backward draws the positions again from the seed, and neither forward saves
+            # them: checkpoint wants the same saved tensors from both, and the recomputation has none.
+            positions = None
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa, positions, col_scale,
                               y if col_scale is not None and unscaled is None else unscaled, bias)
         ctx.scaling, ctx.p, ctx.slices, ctx.fan_in_fan_out = scaling, p, slices, fan_in_fan_out
         ctx.has_bias, ctx.saved_unscaled = bias is not None, unscaled is not None
         ctx.quant_state = quant_state
+        ctx.seed = seed if p > 0.0 and positions is None else None  # positions to draw again in backward
         return y
 
     @staticmethod
     def _backward(ctx, dy):
         x, weight, lora_A, lora_B, xa, positions, col_scale, y, bias = ctx.saved_tensors
         scaling, p, slices = ctx.scaling, ctx.p, ctx.slices
+        if ctx.seed is not None:
+            with one_thread(x.device):
+                positions = dropout_positions(ctx.seed, x.numel(), p, x.device)
         dy = dy.contiguous()
         dtype = dy.dtype
         dscale = None
@@ -548,7 +565,7 @@ def _apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan
     # back), and an untaken output would be handed to an earlier call of the same module in the next one.
     earlier = kept.take() if kept is not None and col_scale is None else None
     y = _LowRankLinear.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, slices, fan_in_fan_out, col_scale,
-                             quant_state, kept if col_scale is not None else None)
+                             quant_state, kept)
     if col_scale is None:
         if earlier is not None:  # the recomputation: the first forward's output, bit for bit, without the GEMM
             return _Restore.apply(y, earlier[0].detach())
@@ -581,14 +598,18 @@ _KEPT: contextvars.ContextVar[tuple[KeptOutputs, bool] | None] = contextvars.Con
 
 
 class KeptOutputs:
-    """Selective recomputation: the outputs of chosen LoRA layers, kept by a checkpointed forward so that its
-    recomputation in backward skips their frozen GEMMs. Each kept output costs its size in memory until that
-    backward; the values in backward are the first forward's, bit for bit.
+    """What a checkpointed forward hands its recomputation in backward, bit for bit: the outputs of chosen LoRA
+    layers (selective recomputation: the recomputation skips their frozen GEMMs; each costs its size in memory until
+    that backward), and for every LoRA layer the rank-sized products the recomputation would otherwise redo.
 
     One instance per checkpointed call, through `torch.utils.checkpoint`'s `context_fn` (non-reentrant)::
 
         checkpoint(block, x, use_reentrant=False,
                    context_fn=lambda: KeptOutputs([block.qkv_proj, block.gate_up_proj]).contexts())
+
+    `KeptOutputs([])` keeps only the rank-sized products: LoRA's `drop(x) @ A.T` (N x r per layer, so the
+    recomputation runs neither that GEMM nor the dropout's bookkeeping; backward draws the dropped positions again
+    from their seed) and DoRA's row norms `n` (one float per adapted row: no second `W A^T`).
 
     Only the hand-written path of `lora.Linear` / `lora.MergedLinear` keeps outputs (LoRA and DoRA, not a custom
     dropout module); other layers are recomputed as before. DoRA with dropout also keeps `v` (see
@@ -604,6 +625,7 @@ class KeptOutputs:
                             f"({type(wrong[0]).__name__})")
         self._ids = {id(m) for m in modules}
         self._outputs: dict[int, list[tuple[tuple[torch.Tensor, ...], tuple[int, ...]]]] = {}  # module id: kept
+        self._rank_products: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # module id: kept, every LoRA layer
         self._forwarded = False
 
     def contexts(self) -> tuple[_Active, _Active]:
@@ -612,13 +634,14 @@ class KeptOutputs:
 
     @staticmethod
     def for_module(module: torch.nn.Module) -> _KeptSlot | None:
-        """Where `module`'s output is kept or put back, if the active checkpointed forward (or its recomputation)
-        keeps it; else None."""
+        """Where `module` keeps what its recomputation takes back, inside a checkpointed forward (or its
+        recomputation) with a `KeptOutputs`; else None."""
         active = _KEPT.get()
-        if active is None or id(module) not in active[0]._ids:
+        if active is None:
             return None
         kept, replaying = active
-        return _KeptSlot(kept._outputs.setdefault(id(module), []), replaying)
+        outputs = kept._outputs.setdefault(id(module), []) if id(module) in kept._ids else None
+        return _KeptSlot(outputs, kept._rank_products.setdefault(id(module), []), replaying)
 
 
 class _Active:
@@ -642,14 +665,16 @@ class _Active:
 
 
 class _KeptSlot(NamedTuple):
-    """One module's kept outputs, in call order, and whether this is the recomputation."""
+    """One module's kept outputs (None where they are not kept) and rank-sized products, each in call order, and
+    whether this is the recomputation."""
 
-    outputs: list[tuple[tuple[torch.Tensor, ...], tuple[int, ...]]]
+    outputs: list[tuple[tuple[torch.Tensor, ...], tuple[int, ...]]] | None
+    rank_products: list[tuple[torch.Tensor, ...]]
     replaying: bool
 
     def put(self, *tensors: torch.Tensor) -> None:
         """Keep a forward's output (DoRA: and the tensor its backward saves in its place), with their versions."""
-        if not self.replaying:
+        if self.outputs is not None and not self.replaying:
             self.outputs.append((tensors, tuple(t._version for t in tensors)))
 
     def take(self) -> tuple[torch.Tensor, ...] | None:
@@ -659,6 +684,15 @@ class _KeptSlot(NamedTuple):
             return None
         tensors, versions = self.outputs.pop(0)
         return tensors if tuple(t._version for t in tensors) == versions else None
+
+    def put_rank_product(self, *tensors: torch.Tensor) -> None:
+        """Keep a forward's rank-sized products (internal tensors, never changed in place)."""
+        if not self.replaying:
+            self.rank_products.append(tensors)
+
+    def take_rank_product(self) -> tuple[torch.Tensor, ...] | None:
+        """In the recomputation, the next kept rank-sized products; None if there are none."""
+        return self.rank_products.pop(0) if self.replaying and self.rank_products else None
 
 
 def _quant_state(weight: torch.Tensor, fan_in_fan_out: bool):

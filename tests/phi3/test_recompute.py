@@ -10,6 +10,7 @@ import torch
 from phi3_tiny import TINY, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lora import lowrank
 from lora.phi3 import Phi3ForCausalLM, patch
 
 GEMMS = {"aten.mm.default", "aten.mm.out", "aten.addmm.default", "aten.addmm_.default"}
@@ -56,7 +57,6 @@ def test_a_4bit_last_projection_is_dequantized_once_in_backward(hf_checkpoint, m
     # bitsandbytes dequantizes a 4-bit weight for each use; the recomputation must skip down_proj's as it skips
     # its GEMM, so backward dequantizes it once (for dx) and gate_up_proj twice (recomputed output, dx).
     pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
-    from lora import lowrank
     from lora.phi3 import from_pretrained
 
     _, path = hf_checkpoint(hidden_size=64, intermediate_size=128, num_key_value_heads=2)
@@ -123,10 +123,10 @@ def test_kept_outputs_give_the_same_loss_and_gradients_bit_for_bit(dora_route, d
 
 
 # Products with the frozen weight in backward: dx (DoRA with dropout: two, for W x and W drop(x), or one on the
-# sparse route); recomputed, the forward's GEMMs again (one; DoRA's two, or one on the sparse route) and DoRA's
-# norm, whose (out, r) product W A^T is recomputed either way.
+# sparse route); recomputed, the forward's GEMMs again (one; DoRA's two, or one on the sparse route). DoRA's norm
+# (its (out, r) product W A^T) is never recomputed: the first forward hands it over, kept output or not.
 @pytest.mark.parametrize(("use_dora", "route", "kept_count", "recomputed_count"),
-                         [(False, "gemm", 1, 2), (True, "gemm", 3, 5), (True, "sparse", 2, 3)])
+                         [(False, "gemm", 1, 2), (True, "gemm", 2, 4), (True, "sparse", 1, 2)])
 def test_a_kept_projections_frozen_gemm_runs_once_in_backward(dora_route, use_dora, route, kept_count,
                                                                recomputed_count):
     dora_route(route)
@@ -271,3 +271,29 @@ def test_keptoutputs_misuse_is_a_clear_error():
     checkpoint(layer, x, use_reentrant=False, context_fn=shared.contexts)
     with pytest.raises(RuntimeError, match="KeptOutputs: one instance per checkpointed call"):
         checkpoint(layer, x, use_reentrant=False, context_fn=shared.contexts)
+
+
+def test_the_recomputation_takes_the_rank_r_product_and_its_dropout_from_the_forward(monkeypatch):
+    # A checkpointed forward hands drop(x) @ A.T (N x r) to its recomputation, which then runs neither x @ A.T nor
+    # the dropout's correction; backward draws the positions again from the forward's seed.
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(tiny_config()).requires_grad_(False)
+    patch(model, r=2, lora_alpha=4, lora_dropout=0.1)
+    model.gradient_checkpointing = True
+    model.train()
+    drawn, corrected = [], []
+    positions, dropped = lowrank.dropout_positions, lowrank._dropped
+    monkeypatch.setattr(lowrank, "dropout_positions", lambda *a: drawn.append(a[0]) or positions(*a))
+    monkeypatch.setattr(lowrank, "_dropped", lambda *a: corrected.append(a) or dropped(*a))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    A = model.model.layers[0].self_attn.o_proj.lora_A
+    with FrozenGemms(A) as forward_a:
+        loss = model.loss(ids, ids)
+    with FrozenGemms(A) as backward_a:
+        loss.backward()
+    projections = 4 * TINY["num_hidden_layers"]
+    assert forward_a.count == 1  # x @ A.T
+    assert backward_a.count == 1  # g @ A for dx only: nothing recomputed
+    assert len(corrected) == projections  # the first forward's
+    assert len(drawn) == 2 * projections
+    assert sorted(drawn[projections:]) == sorted(drawn[:projections])  # backward's seeds are the forward's
