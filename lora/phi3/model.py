@@ -320,8 +320,11 @@ class Phi3Model(nn.Module):
         self._checkpoint_keep = checked_checkpoint_keep(names)
 
     def _checkpoint_options(self, layer: Phi3DecoderLayer) -> dict[str, Any]:
-        # Always a KeptOutputs: even with nothing kept it hands the recomputation the LoRA layers' rank-sized
-        # products (drop(x) A^T, DoRA's norms), so that it redoes neither them nor the dropout's bookkeeping
+        # A KeptOutputs even with nothing kept: it hands the recomputation the LoRA layers' rank-sized products
+        # (drop(x) A^T, DoRA's norms), so that it redoes neither them nor the dropout's bookkeeping. Not under
+        # torch.compile, whose tracing of checkpoint takes no context_fn.
+        if not self._checkpoint_keep and torch.compiler.is_compiling():
+            return {}
         owners = {"qkv_proj": layer.self_attn, "o_proj": layer.self_attn, "gate_up_proj": layer.mlp}
         modules = [getattr(owners[name], name) for name in self._checkpoint_keep]
         return {"context_fn": lambda: KeptOutputs(modules).contexts()}

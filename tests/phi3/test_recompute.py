@@ -297,3 +297,26 @@ def test_the_recomputation_takes_the_rank_r_product_and_its_dropout_from_the_for
     assert len(corrected) == projections  # the first forward's
     assert len(drawn) == 2 * projections
     assert sorted(drawn[projections:]) == sorted(drawn[:projections])  # backward's seeds are the forward's
+
+
+def test_a_compiled_checkpointed_step_equals_eager():
+    # torch.compile traces checkpoint only without a context_fn: compiled, the recomputation redoes the rank-r
+    # products as before, and the loss and gradients are eager's.
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(tiny_config()).requires_grad_(False)
+    patch(model, r=2, lora_alpha=4, lora_dropout=0.1)
+    model.gradient_checkpointing = True
+    model.train()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    results = []
+    for loss_fn in (model.loss, torch.compile(model.loss, backend="aot_eager")):
+        torch.manual_seed(3)  # the same dropout
+        loss = loss_fn(ids, ids)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (eager_loss, eager), (compiled_loss, compiled) = results
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert eager.keys() == compiled.keys() and eager
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, msg=name)
