@@ -87,8 +87,8 @@ class _Dropped(NamedTuple):
 
     def times(self, weight: torch.Tensor) -> torch.Tensor:
         """`D @ weight` for a contiguous `weight` (in, k): each row's sum of `weight`'s rows at its dropped columns,
-        weighted by the values, which `embedding_bag` computes in one pass (a sparse CSR product costs twice that
-        here, and about 70 us more per call)."""
+        weighted by the values, which `embedding_bag` computes in one pass (cheaper than a sparse CSR product,
+        which also costs a fixed setup per call)."""
         return torch.nn.functional.embedding_bag(self.col, weight, self.starts, mode="sum",
                                                  per_sample_weights=self.values)
 
@@ -103,13 +103,11 @@ def _dropped(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, in
 
 def _csr_pattern(positions: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """The dropped positions of an (N, in) matrix as a sparse CSR matrix of zeros: a sampled product's pattern."""
-    n, d = shape
-    crow = torch.searchsorted(positions, torch.arange(0, (n + 1) * d, d, dtype=torch.int64, device=positions.device))
-    values = torch.zeros(positions.shape, dtype=dtype, device=positions.device)
+    dropped = _dropped(positions, torch.zeros(positions.shape, dtype=dtype, device=positions.device), shape)
+    crow = torch.cat([dropped.starts, dropped.starts.new_tensor([positions.numel()])]).to(torch.int32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow.to(torch.int32), (positions % d).to(torch.int32), values, shape,
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(crow, dropped.col.to(torch.int32), dropped.values, shape, check_invariants=False)
 
 
 @contextlib.contextmanager
@@ -188,7 +186,8 @@ class _LowRankLinear(torch.autograd.Function):
         A = lora_A.to(dtype)
         B = lora_B.to(dtype)
         positions = kept = dropped = None
-        earlier_xa = keep.take_rank_product() if keep is not None and col_scale is None else None
+        lora_slot, dora_slot = (keep, None) if col_scale is None else (None, keep)
+        earlier_xa = lora_slot.take_rank_product() if lora_slot is not None else None
         if earlier_xa is not None:
             # the recomputation: the first forward's drop(x) @ A.T / (1 - p), bit for bit (the same x and seed);
             # backward draws the positions again from the seed
@@ -211,8 +210,8 @@ class _LowRankLinear(torch.autograd.Function):
                 xa -= correction.to(dtype)
         if p > 0.0 and earlier_xa is None:
             xa *= 1.0 / (1.0 - p)
-        if keep is not None and col_scale is None and earlier_xa is None:
-            keep.put_rank_product(xa)
+        if lora_slot is not None and earlier_xa is None:
+            lora_slot.put_rank_product(xa)
 
         # The adapters' output first, then the frozen GEMM accumulates onto it (beta = 1): one rounding of the
         # sum, and one pass over y fewer than adding the adapters' output afterwards. When the slices cover
@@ -234,7 +233,7 @@ class _LowRankLinear(torch.autograd.Function):
             y[:, s.offset : s.offset + s.size].addmm_(xa[:, s.index * s.r : (s.index + 1) * s.r],
                                                       B[s.row : s.row + s.size].t(), beta=beta, alpha=scaling)
         unscaled = None
-        earlier = keep.take() if keep is not None and col_scale is not None else None
+        earlier = dora_slot.take() if dora_slot is not None else None
         if earlier is not None:
             # DoRA's recomputation with the first forward's output (and v or the unscaled copy): no frozen GEMM
             y.copy_(earlier[0])
@@ -258,9 +257,9 @@ class _LowRankLinear(torch.autograd.Function):
             _scale_columns(y, col_scale.to(dtype), slices)
             if bias is not None:
                 y += bias
-        if keep is not None and col_scale is not None and earlier is None:
-            keep.put(y, *([] if unscaled is None else [unscaled]))
-        if earlier_xa is not None or (keep is not None and col_scale is None):
+        if dora_slot is not None and earlier is None:
+            dora_slot.put(y, *([] if unscaled is None else [unscaled]))
+        if lora_slot is not None:
             # In a checkpointed call backward draws the positions again from the seed, and neither forward saves
             # them: checkpoint wants the same saved tensors from both, and the recomputation has none.
             positions = None
