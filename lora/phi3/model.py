@@ -319,15 +319,17 @@ class Phi3Model(nn.Module):
     def checkpoint_keep(self, names: tuple[str, ...] | list[str] | None) -> None:
         self._checkpoint_keep = checked_checkpoint_keep(names)
 
-    def _checkpoint_options(self, layer: Phi3DecoderLayer) -> dict[str, Any]:
+    def _checkpointed(self, layer: Phi3DecoderLayer, *args: Any) -> torch.Tensor:
         # A KeptOutputs even with nothing kept: it hands the recomputation the LoRA layers' rank-sized products
-        # (drop(x) A^T, DoRA's norms), so that it redoes neither them nor the dropout's bookkeeping. Not under
-        # torch.compile, whose tracing of checkpoint takes no context_fn.
+        # (drop(x) A^T, DoRA's norms), so that it redoes neither them nor the dropout's bookkeeping. Dynamo traces
+        # checkpoint only without a context_fn: under torch.compile the default recomputes those products, and
+        # kept outputs run the layer eagerly, outside the graph (a graph break per layer, not a tracing error).
         if not self._checkpoint_keep and torch.compiler.is_compiling():
-            return {}
+            return checkpoint(layer, *args, use_reentrant=False)
         owners = {"qkv_proj": layer.self_attn, "o_proj": layer.self_attn, "gate_up_proj": layer.mlp}
         modules = [getattr(owners[name], name) for name in self._checkpoint_keep]
-        return {"context_fn": lambda: KeptOutputs(modules).contexts()}
+        run = torch.compiler.disable(checkpoint) if torch.compiler.is_compiling() else checkpoint
+        return run(layer, *args, use_reentrant=False, context_fn=lambda: KeptOutputs(modules).contexts())
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
@@ -362,7 +364,7 @@ class Phi3Model(nn.Module):
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if checkpointed:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False, **self._checkpoint_options(layer))
+                x = self._checkpointed(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:

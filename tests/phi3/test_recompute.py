@@ -299,20 +299,27 @@ def test_the_recomputation_takes_the_rank_r_product_and_its_dropout_from_the_for
     assert sorted(drawn[projections:]) == sorted(drawn[:projections])  # backward's seeds are the forward's
 
 
-def test_a_compiled_checkpointed_step_equals_eager():
+@pytest.mark.parametrize("keep", [(), ("gate_up_proj",)])
+def test_a_compiled_checkpointed_step_equals_eager(keep):
     # torch.compile traces checkpoint only without a context_fn: compiled, the recomputation redoes the rank-r
-    # products as before, and the loss and gradients are eager's.
+    # products as before; with kept outputs each checkpointed layer runs eagerly, outside the graph, and still
+    # skips the kept frozen GEMM. Loss and gradients are eager's either way.
     torch.manual_seed(0)
     model = Phi3ForCausalLM(tiny_config()).requires_grad_(False)
     patch(model, r=2, lora_alpha=4, lora_dropout=0.1)
     model.gradient_checkpointing = True
+    model.checkpoint_keep = keep
     model.train()
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    up = model.model.layers[1].mlp.gate_up_proj.weight
     results = []
     for loss_fn in (model.loss, torch.compile(model.loss, backend="aot_eager")):
         torch.manual_seed(3)  # the same dropout
         loss = loss_fn(ids, ids)
-        loss.backward()
+        with FrozenGemms(up) as backward_up:
+            loss.backward()
+        if keep:
+            assert backward_up.count == 1  # dx only: the recomputation took the kept output
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad(set_to_none=True)
     (eager_loss, eager), (compiled_loss, compiled) = results
