@@ -442,6 +442,11 @@ def _check_weight_layout(module: nn.Linear, fan_in_fan_out: bool) -> None:
         )
 
 
+def _row_squares(weight: torch.Tensor) -> torch.Tensor:
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    return torch.cat([chunk.to(wide).square().sum(1) for chunk in weight.detach().split(4096)])
+
+
 def _check_dora(r: int, use_dora: Any) -> None:
     check_flags(use_dora=use_dora)
     if use_dora and r == 0:
@@ -640,14 +645,16 @@ class Linear(LoRALayer, nn.Linear):
             self.lora_magnitude.copy_(self.dora_norm())
 
     def _weight_row_squares(self) -> torch.Tensor:
-        # ||W_i||^2 of every row in float32, kept while the frozen weight is the same tensor, unmodified.
+        # ||W_i||^2 of every row in float32, kept while the frozen weight is the same tensor, unmodified. A trainable
+        # base weight is an optimizer's to write, and a fused one writes without bumping the version counter: its
+        # squares are recomputed every call (a pass over W, small beside W's own gradient GEMM).
         weight = self._weight_out_in()
+        if self.weight.requires_grad:
+            return _row_squares(weight)
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device)
         cached = self.__dict__.get("_dora_row_squares")
         if cached is None or cached[0] != key:
-            wide = torch.promote_types(weight.dtype, torch.float32)
-            squares = torch.cat([chunk.to(wide).square().sum(1) for chunk in weight.detach().split(4096)])
-            cached = self.__dict__["_dora_row_squares"] = (key, squares)
+            cached = self.__dict__["_dora_row_squares"] = (key, _row_squares(weight))
         return cached[1]
 
     def dora_norm(self) -> torch.Tensor:
@@ -657,12 +664,13 @@ class Linear(LoRALayer, nn.Linear):
         s^2 B_i (A A^T) B_i^T`, with `W A^T` an (out, r) product in the weight's dtype and the rest in float32.
         `||W_i||^2`, and without grad `n` itself, are kept
         while the frozen weight is the same tensor with the same version counter (every in-place op bumps it; an
-        edit through `.data` is not seen) and `A`, `B` hold the same values.
+        edit through `.data` is not seen) and `A`, `B` hold the same values; a trainable weight (`requires_grad`)
+        is never cached, since a fused optimizer writes it without bumping its version counter.
         """
         # Without grad (generation, evaluation, merging) n is kept while W (its identity and version) and A and B
         # (their values: fused optimizers update parameters without bumping version counters) are unchanged; with
         # one token at a time the (out, r) product would cost r times the frozen GEMM. Training recomputes it.
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.weight.requires_grad:  # a trainable W: see _weight_row_squares
             return self._compute_dora_norm()
         weight = self._weight_out_in()
         key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.stride(), self.scaling)

@@ -196,7 +196,7 @@ class _LowRankLinear(torch.autograd.Function):
             # DoRA with dropout multiplies W too by x with the dropped elements zeroed, so that copy is made anyway
             with one_thread(x.device):
                 positions = dropout_positions(seed, x.numel(), p, x.device)
-            kept = x.clone()
+            kept = x.clone(memory_format=torch.contiguous_format)  # viewed flat below, whatever x's strides
             kept.view(-1).index_fill_(0, positions, 0)
             xa = kept @ A.t()
         else:

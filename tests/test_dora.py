@@ -390,6 +390,41 @@ def test_dora_with_dropout_under_gradient_checkpointing_equals_without(monkeypat
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_trainable_base_weight_gets_its_current_norm(fused):
+    # A fused optimizer writes W without bumping its version counter, so nothing about a trainable W is cached.
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4, use_dora=True)
+    randomise(layer)
+    layer.weight.requires_grad_(True)
+    optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=fused)
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        fresh = torch.linalg.norm(layer.weight + lora_delta(layer), dim=1).detach()
+        torch.testing.assert_close(layer.dora_norm(), fresh, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(layer.dora_norm(), fresh, rtol=1e-6, atol=1e-6)
+        want = (F.linear(x, layer.weight) + layer.scaling * x @ layer.lora_A.t() @ layer.lora_B.t()) \
+            * (layer.lora_magnitude / fresh) + layer.bias
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_on_a_transposed_input_equals_dropout_on_its_contiguous_copy(dtype):
+    torch.manual_seed(0)
+    layer = lora.Linear(10, 6, r=2, lora_alpha=4, lora_dropout=0.3, use_dora=True).to(dtype).train()
+    randomise(layer)
+    x = torch.randn(10, 5, dtype=dtype).t()  # (5, 10), strides (1, 5)
+    outputs = []
+    for given in (x.contiguous(), x):
+        torch.manual_seed(1)  # the same dropped positions
+        outputs.append(layer(given))
+    torch.testing.assert_close(outputs[1], outputs[0])  # the same positions: GEMM rounding differs at most
+
+
 def test_the_norm_is_kept_while_nothing_changes_and_recomputed_when_anything_does():
     torch.manual_seed(0)
     layer = lora.Linear(12, 10, r=3, use_dora=True)
