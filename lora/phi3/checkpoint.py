@@ -70,7 +70,15 @@ def _open(path: Path, backend: str = "mmap") -> Any:
 
 
 def _weight_files(root: Path) -> dict[str, Path]:
-    """Map each tensor name to its file, from the index when there is one; errors name the missing file."""
+    """Map each tensor name to its file; errors name the missing file.
+
+    `model.safetensors` wins over an index, as in transformers' `from_pretrained`: a directory that transformers
+    re-saved in the other layout can keep the stale one, and both stacks must load the same weights from it.
+    """
+    single = root / SINGLE_FILE_NAME
+    if single.is_file():
+        with _open(single) as f:
+            return dict.fromkeys(f.keys(), single)
     index = root / INDEX_NAME
     if index.is_file():
         data = read_json(index)
@@ -86,11 +94,7 @@ def _weight_files(root: Path) -> dict[str, Path]:
             if not shard.is_file():
                 raise FileNotFoundError(f"{shard}: shard listed in {index} is missing")
         return files
-    single = root / SINGLE_FILE_NAME
-    if single.is_file():
-        with _open(single) as f:
-            return dict.fromkeys(f.keys(), single)
-    raise FileNotFoundError(f"{root}: neither {INDEX_NAME} nor {SINGLE_FILE_NAME} found")
+    raise FileNotFoundError(f"{root}: neither {SINGLE_FILE_NAME} nor {INDEX_NAME} found")
 
 
 def _read_headers(files: dict[str, Path]) -> dict[str, tuple[list[int], str]]:

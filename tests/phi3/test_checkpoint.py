@@ -148,7 +148,7 @@ def test_wrong_model_type(tiny_dir: Path) -> None:
 
 def test_no_weights(tiny_dir: Path) -> None:
     (tiny_dir / "model.safetensors").unlink()
-    message = r": neither model\.safetensors\.index\.json nor model\.safetensors found"
+    message = r": neither model\.safetensors nor model\.safetensors\.index\.json found"
     with pytest.raises(FileNotFoundError, match=message):
         from_pretrained(tiny_dir)
 
@@ -161,6 +161,25 @@ def test_missing_shard(tiny_dir: Path, tmp_path: Path) -> None:
     message = rf"{second.name}: shard listed in .*model\.safetensors\.index\.json is missing"
     with pytest.raises(FileNotFoundError, match=message):
         from_pretrained(out)
+
+
+@pytest.mark.parametrize("stale", ["index", "single file"])
+def test_a_directory_holding_both_layouts_loads_what_transformers_loads(hf_checkpoint, tmp_path: Path, stale) -> None:
+    # transformers' save_pretrained leaves the other layout's files behind, and its from_pretrained prefers
+    # model.safetensors: ours must load the same weights (and not fail on the stale index's missing shards).
+    hf, _ = hf_checkpoint()
+    out = tmp_path / "resaved"
+    first, second = ("20KB", "5GB") if stale == "index" else ("5GB", "20KB")
+    hf.save_pretrained(out, max_shard_size=first)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(2)
+    hf.save_pretrained(out, max_shard_size=second)
+    assert (out / "model.safetensors").is_file() and (out / "model.safetensors.index.json").is_file()
+    theirs = transformers.Phi3ForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, TINY["vocab_size"], (1, 7))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(out)(ids), theirs(ids).logits)
 
 
 def test_index_names_a_tensor_its_shard_lacks(tiny_dir: Path, tmp_path: Path) -> None:
