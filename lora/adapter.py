@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from . import quant
@@ -134,7 +134,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, architecture: Map
         raise ValueError("the model has no LoRA layers with r > 0: there is no adapter to save")
     metadata = adapter_metadata(model, architecture=architecture)
     if writes_files(model):
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: _write(tensors, metadata, tmp))
+
+
+def _write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    # safetensors writes the metadata in a hash map's order, which changes from call to call: the header is
+    # rewritten with sorted keys, so that the same adapter always gives the same bytes (the data offsets are
+    # relative to the header's end, so its length may change)
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    header += " " * (-len(header.encode()) % 8)  # safetensors pads the header to 8 bytes
+    encoded = header.encode()
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        f.write(memoryview(data)[8 + size :])
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -161,6 +176,13 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({error})") from error
         if not isinstance(value, dict):
             raise ValueError(f"{path}: metadata {key!r} is not valid JSON of an object")
+        # one level down, what load_adapter reads: an object per module, and the fingerprint's two sections
+        sections = [k for k in ("architecture", "weights") if k in value]
+        entries = value.items() if key == "layers" else ((k, value[k]) for k in sections)
+        for name, entry in entries:
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}: metadata {key!r}: {name!r} is {type(entry).__name__} {entry!r}, "
+                                 "expected an object")
     for name, tensor in sorted(tensors.items()):
         if not tensor.is_floating_point():
             raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; adapters are floating point")

@@ -150,6 +150,12 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
         (lambda t, m: m.pop("fingerprint"), "metadata lacks 'fingerprint'"),
         (lambda t, m: m.update(layers="{"), "metadata 'layers' is not valid JSON"),
         (lambda t, m: m.update(layers="[]"), "metadata 'layers' is not valid JSON"),
+        (lambda t, m: m.update(layers=json.dumps({"out": [2]})),
+         r"metadata 'layers': 'out' is list \[2\], expected an object"),
+        (lambda t, m: m.update(fingerprint=json.dumps({"architecture": [], "weights": {}})),
+         r"metadata 'fingerprint': 'architecture' is list \[\], expected an object"),
+        (lambda t, m: m.update(fingerprint=json.dumps({"architecture": {}, "weights": "x"})),
+         "metadata 'fingerprint': 'weights' is str 'x', expected an object"),
         (lambda t, m: t.update({"out.lora_A": t["out.lora_A"].long()}), "tensor 'out.lora_A' has dtype torch.int64"),
         (lambda t, m: t["out.lora_B"].view(-1).__setitem__(0, float("nan")), "tensor 'out.lora_B' holds NaN or inf"),
     ],
@@ -171,6 +177,20 @@ def test_adapter_files_with_bad_metadata_or_tensors(tmp_path, edit, message):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_the_same_adapter_gives_the_same_bytes(tmp_path):
+    # safetensors orders the metadata by a hash map's iteration, different from call to call
+    paths = [tmp_path / f"{i}.safetensors" for i in range(8)]
+    for path in paths:
+        lora.save_adapter(trained(), path)
+    assert len({path.read_bytes() for path in paths}) == 1
+    model = trained(seed=1)
+    lora.load_adapter(model, paths[0])
+    assert all(torch.equal(a, b) for a, b in zip(lora.lora_state_dict(model).values(),
+                                                 lora.lora_state_dict(trained()).values(), strict=True))
+    with safe_open(paths[0], framework="pt") as f:
+        assert f.metadata() == lora.adapter.adapter_metadata(trained())
+
+
 def test_save_without_adapters_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="the model has no LoRA layers with r > 0"):
         lora.save_adapter(nn.Linear(2, 2), tmp_path / "a.safetensors")
@@ -183,11 +203,11 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
     import lora.adapter as adapter
 
-    def broken(tensors, filename, metadata=None):
+    def broken(tensors, metadata, filename):
         open(filename, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter, "save_file", broken)
+    monkeypatch.setattr(adapter, "_write", broken)
     with pytest.raises(OSError, match="disk full"):
         lora.save_adapter(trained(seed=5), path)
     assert path.read_bytes() == before
