@@ -112,8 +112,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Restore what `save_checkpoint` wrote (no pickle: `weights_only=True`); returns the trainer state.
 
     `sharded` (FSDP): every rank reads the whole files and keeps its slice of the adapters and optimizer state.
+    The trainer state is read and checked before anything is restored: a damaged file changes nothing.
     """
-    lora.load_adapter(model, path / "adapter.safetensors")
+    state = _trainer_state(path)
+    _restore(path, state, model, optimizer, scheduler, sharded=sharded)
+    return state
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path / "trainer_state.pt", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, pickle errors for a damaged file
@@ -121,6 +127,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
         raise ValueError(f"--resume {path / 'trainer_state.pt'}: not a trainer state written by this script")
+    return state
+
+
+def _restore(path: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, *, sharded: bool) -> None:
+    lora.load_adapter(model, path / "adapter.safetensors")  # checks the whole file before it copies anything
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -131,7 +143,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
 
 
 def resume(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -141,11 +152,12 @@ def resume(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     (on rank 0) if the data file changed (`data`, its `data_identity`) or the number of `processes` did (the
     global batch, hence the data order, then differ); the schedule re-planned (`lora.phi3.schedule.replan`)
     when the run was extended beyond the checkpoint's planned total."""
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler, sharded=sharded)
+    state = _trainer_state(checkpoint)
     start, planned = state["step"], state.get("total_steps", total_steps)
-    if start >= total_steps:
+    if start >= total_steps:  # before anything is restored
         raise ValueError(f"--resume {checkpoint}: already at step {start} of {total_steps}; a larger --max-steps "
                          "extends the run")
+    _restore(checkpoint, state, model, optimizer, scheduler, sharded=sharded)
     if rank == 0 and state.get("data", data) != data:
         log.warning("--resume: %s changed since %s was saved (size %s -> %s bytes, SHA-256 %s... -> %s...); the run "
                     "continues by row index, so it is not the continuation of the saved one", data_path, checkpoint,

@@ -32,6 +32,12 @@ def trainer() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_sc
     return model, optimizer, scheduler
 
 
+def snapshot(model, optimizer, scheduler) -> tuple:
+    """What a restore would change, comparable with ==."""
+    return ({k: v.tolist() for k, v in lora.lora_state_dict(model).items()}, repr(optimizer.state_dict()),
+            repr(scheduler.state_dict()))
+
+
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
     model(torch.randn(3, 4)).square().sum().backward()
     optimizer.step()
@@ -85,11 +91,16 @@ def test_a_damaged_or_foreign_trainer_state_is_a_clear_error(tmp_path):
                     data={})
     state = (path / "trainer_state.pt").read_bytes()
     (path / "trainer_state.pt").write_bytes(state[: len(state) // 2])
+    other = trainer()
+    with torch.no_grad():
+        other[0][0].lora_A.add_(1)  # differs from the file's adapter: a load would show
+    before = snapshot(*other)
     with pytest.raises(ValueError, match=r"step-000001/trainer_state.pt: cannot be read \(truncated or corrupt\?\)"):
-        load_checkpoint(path, model, optimizer, scheduler)
+        load_checkpoint(path, *other)
     torch.save({"step": 1}, path / "trainer_state.pt")
     with pytest.raises(ValueError, match="trainer_state.pt: not a trainer state written by this script"):
-        load_checkpoint(path, model, optimizer, scheduler)
+        load_checkpoint(path, *other)
+    assert snapshot(*other) == before  # nothing restored from a damaged checkpoint
 
 
 def test_latest_checkpoint(tmp_path):
@@ -195,8 +206,11 @@ def test_resume_refuses_a_finished_run_warns_about_changes_and_replans(tmp_path,
     path = tmp_path / "step-000001"
     save_checkpoint(path, step=1, total_steps=2, model=model, optimizer=optimizer, scheduler=scheduler, config={},
                     data={"size": 1, "sha256": "a" * 64}, processes=2)
+    fresh = trainer()
+    before, rng = snapshot(*fresh), torch.get_rng_state()
     with pytest.raises(ValueError, match="already at step 1 of 1; a larger --max-steps extends the run"):
-        resume(path, *trainer(), total_steps=1, data={}, data_path="d.jsonl")
+        resume(path, *fresh, total_steps=1, data={}, data_path="d.jsonl")
+    assert snapshot(*fresh) == before and torch.equal(torch.get_rng_state(), rng)  # nothing restored
     model, optimizer, _ = trainer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / 4)  # the extended run's schedule
     with caplog.at_level("INFO", logger="lora.phi3.run_directory"):
