@@ -155,7 +155,13 @@ def resolve_config(argv: list[str] | None) -> tuple[argparse.Namespace, argparse
                                  overwrite_output_dir=given.pop("overwrite_output_dir", False),
                                  output_dir_given="output_dir" in given)
     if resume is not None:
-        return argparse.Namespace(**SETTINGS.resumed(request.checkpoint, given)), request
+        settings = SETTINGS.resumed(request.checkpoint, given)
+        if not request.output_dir_given:
+            # Where the checkpoint's run is now (a copied or moved run continues there), and as protected as an
+            # explicit --output-dir: a run directory it did not come from is never replaced unasked.
+            settings["output_dir"] = str(runs.resumed_output_dir(request.checkpoint, Path(settings["output_dir"])))
+            request.output_dir_given = True
+        return argparse.Namespace(**settings), request
     embedded = EMBEDDED_OVERRIDES if given.get("model") is None else {}
     return argparse.Namespace(**{**SETTINGS.defaults(), **embedded, **given}), request
 

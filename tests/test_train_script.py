@@ -280,6 +280,19 @@ def test_resume_deletes_nothing_at_start_up_and_extends_a_finished_run(tmp_path,
         with pytest.raises(RuntimeError, match="killed"):
             main("--resume", out / "checkpoints" / "step-000002", *common)
     assert snapshot(out) == finished
+    # A copy of the run, resumed without --output-dir, continues in the copy; the run it was copied from stays.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert main("--resume", copy / "checkpoints" / "step-000002", *common) == 0
+    assert snapshot(out) == finished
+    assert json.loads((copy / "train_config.json").read_text())["output_dir"] == str(copy)
+    assert [r["step"] for r in metrics(copy) if "loss" in r] == [1, 2, 3, 4]
+    # A checkpoint outside any run directory would write to the run its settings name: refused, not replaced.
+    lone = tmp_path / "lone"
+    shutil.copytree(out / "checkpoints" / "step-000002", lone)
+    with pytest.raises(ValueError, match=f"--output-dir {out} holds another run"):
+        main("--resume", lone, *common)
+    assert snapshot(out) == finished
     # Extend the finished run: 4 -> 6 steps, the schedule re-planned; a changed data file is warned about.
     data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")
     capsys.readouterr()

@@ -46,6 +46,7 @@ __all__ = [
     "plot_losses",
     "prune_checkpoints",
     "resume",
+    "resumed_output_dir",
     "save_checkpoint",
     "write_config",
 ]
@@ -240,6 +241,18 @@ def plot_losses(metrics: Path, png: Path) -> bool:
 
 def _holds_a_run(path: Path) -> bool:
     return any((path / name).exists() for name in ("train_config.json", "metrics.jsonl", "checkpoints"))
+
+
+def resumed_output_dir(checkpoint: Path, recorded: Path) -> Path:
+    """Where a run resumed from `checkpoint` without an `--output-dir` writes: the run directory the checkpoint is
+    in now (a copied or moved run continues where it is), unless that is `recorded` (the checkpoint's own setting)
+    or a replacement of it in progress (`out.next-XXXX`, which still takes `recorded`'s place once complete)."""
+    if checkpoint.parent.name != "checkpoints":
+        return recorded
+    source = checkpoint.parent.parent
+    if source.resolve() == recorded.resolve() or RunDirectory._replaces(source, recorded):
+        return recorded
+    return source
 
 
 class RunDirectory:
