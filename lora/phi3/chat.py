@@ -6,8 +6,10 @@ Rendered training text (current template, no generation prompt):
 
 The April 2024 template has a leading `<s>`, no system role, and `<|assistant|>\\n` right after each user
 turn. `render` reproduces transformers' `apply_chat_template` string for string; `encode_chat` tokenises
-that string (so ids equal `apply_chat_template(..., tokenize=True)`) and labels exactly the tokens after
-each `<|assistant|>` up to and including its `<|end|>`, so the model learns the answers and when to stop.
+that string (so ids equal `apply_chat_template(..., tokenize=True)`) and labels exactly what each assistant
+message put into it, its content and the `<|end|>` closing it, so the model learns the answers and when to
+stop. Turns may come in any order: under the April template two assistant turns in a row render as
+`A1<|end|>\\nA2<|end|>\\n` (no role token between, as transformers renders them), and both are labelled.
 
     ids, labels = encode_chat(tokenizer, [{"role": "user", "content": "Hi"},
                                           {"role": "assistant", "content": "Hello"}], PHI3)
@@ -15,6 +17,7 @@ each `<|assistant|>` up to and including its `<|end|>`, so the model learns the 
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,9 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
+# The special tokens a template writes (not `<unk>`, which a tokenizer may also give for unknown text).
+_TEMPLATE_TOKEN = re.compile("|".join(re.escape(t) for t in
+                                      ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|user|>", "<|end|>", "<s>")))
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,42 @@ def check_conversation(messages: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
+def _parts(
+    messages: list[dict[str, str]],
+    template: ChatTemplate,
+    *,
+    add_generation_prompt: bool = False,
+    bos_token: str = "<s>",
+    eos_token: str = "<|endoftext|>",
+) -> list[tuple[str, bool]]:
+    """The rendered text as `(text, trained)` pieces, in order: `trained` marks what an assistant message
+    contributes that the model learns (its content and the `<|end|>\\n` closing it, never a role token).
+
+    Every piece ends with a template token (and the newline it absorbs), so a trained piece starts and
+    ends right after one, or at the start of the text: `encode_chat` relies on this to find its tokens.
+    """
+    parts = [(bos_token, False)] if template.bos else []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            if template.system_role and not (template.skip_empty_system and not content):
+                parts.append((f"<|system|>\n{content}<|end|>\n", False))
+        elif role == "user":
+            parts.append((f"<|user|>\n{content}<|end|>\n", False))
+            if template.prompt_after_user:
+                parts.append(("<|assistant|>\n", False))
+        elif role == "assistant":
+            if not template.prompt_after_user:
+                parts.append(("<|assistant|>\n", False))
+            parts.append((f"{content}<|end|>\n", True))
+    if not template.prompt_after_user:
+        if add_generation_prompt:
+            parts.append(("<|assistant|>\n", False))
+        elif template.eos_at_end:
+            parts.append((eos_token, False))
+    return parts
+
+
 def render(
     messages: list[dict[str, str]],
     template: ChatTemplate = PHI3,
@@ -152,24 +194,9 @@ def render(
     Example: `render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)` is
     `"<|user|>\\nHi<|end|>\\n<|assistant|>\\n"`.
     """
-    parts = [bos_token] if template.bos else []
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if role == "system":
-            if template.system_role and not (template.skip_empty_system and not content):
-                parts.append(f"<|system|>\n{content}<|end|>\n")
-        elif role == "user":
-            parts.append(f"<|user|>\n{content}<|end|>\n")
-            if template.prompt_after_user:
-                parts.append("<|assistant|>\n")
-        elif role == "assistant":
-            parts.append(f"{content}<|end|>\n" if template.prompt_after_user else f"<|assistant|>\n{content}<|end|>\n")
-    if not template.prompt_after_user:
-        if add_generation_prompt:
-            parts.append("<|assistant|>\n")
-        elif template.eos_at_end:
-            parts.append(eos_token)
-    return "".join(parts)
+    parts = _parts(messages, template, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+                   eos_token=eos_token)
+    return "".join(text for text, _ in parts)
 
 
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
@@ -185,20 +212,37 @@ def encode_chat(
 ) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and labels: the id on assistant tokens, -100 elsewhere.
 
-    Labelled: every token after an `<|assistant|>` up to and including the `<|end|>` that closes the
-    turn. Not labelled: system and user turns, role tokens, `<s>`, the final `<|endoftext|>`.
+    Labelled: each assistant message's content and the `<|end|>` that closes it, found from what the
+    message contributed to the rendered text (so consecutive turns of one role label right under every
+    template). Not labelled: system and user turns, role tokens (also the April template's
+    `<|assistant|>` after each user turn), `<s>`, the final `<|endoftext|>`.
     Example (byte tokenizer): `...<|assistant|> O K <|end|> <|endoftext|>` labels `O K <|end|>`.
     """
-    assistant, end = _special_id(tokenizer, "<|assistant|>"), _special_id(tokenizer, "<|end|>")
-    ids = tokenizer.encode(render(messages, template))
+    parts = _parts(messages, template)
+    text = "".join(piece for piece, _ in parts)
+    ids = tokenizer.encode(text)
+    # Each trained piece starts and ends right after a template token (or at 0), and the tokenizer
+    # matches those atomically: a boundary's token offset is the one after the k-th template-token id,
+    # k the template-token strings in the text before it.
+    matches = list(_TEMPLATE_TOKEN.finditer(text))
+    anchors = {_special_id(tokenizer, t) for t in {"<|assistant|>", "<|end|>", *(m.group() for m in matches)}}
+    ends = [m.end() for m in matches]  # character offsets after each template token
+    after = [i + 1 for i, token in enumerate(ids) if token in anchors]  # token offsets after each
+    if len(after) != len(ends):
+        raise ValueError(f"the tokenizer gave {len(after)} ids of template tokens for {len(ends)} in the text; "
+                         "it does not match Phi-3's special tokens atomically")
+
+    def token_offset(char: int) -> int:
+        k = bisect.bisect_right(ends, char)
+        return after[k - 1] if k else 0
+
     labels = [IGNORE_INDEX] * len(ids)
-    inside = False
-    for i, token in enumerate(ids):
-        if inside:
-            labels[i] = token
-            inside = token != end
-        elif token == assistant:
-            inside = True
+    start = 0
+    for piece, trained in parts:
+        if trained:
+            first, last = token_offset(start), token_offset(start + len(piece))
+            labels[first:last] = ids[first:last]
+        start += len(piece)
     return ids, labels
 
 

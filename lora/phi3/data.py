@@ -75,23 +75,26 @@ class EncodeStats:
 def read_conversations(path: str | Path) -> list[tuple[int, list[dict[str, str]]]]:
     """`(line number, messages)` for each non-blank line of a JSONL file, every conversation checked.
 
-    Errors name the file and line: `train.jsonl:12: not valid JSON (...)`, an unknown role, no assistant
-    turn; an empty file is an error too.
+    Lines end at `\\n` or `\\r\\n` only. Errors name the file and line: `train.jsonl:12: not valid JSON
+    (Expecting value at column 1)`, an unknown role, no assistant turn; an empty file is an error too.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # no newline translation: "\r" alone does not end a line
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read the dataset ({err})") from err
     conversations = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Not `str.splitlines`: it also splits at U+2028, U+0085 and other characters that JSON strings may
+    # hold unescaped (`json.dumps(..., ensure_ascii=False)` writes them).
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+        except json.JSONDecodeError as err:  # err.msg may end in "at": "Unterminated string starting at"
+            raise ValueError(f"{where}: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})") from err
         if not isinstance(record, dict) or "messages" not in record:
             raise ValueError(f"{where}: expected an object with a 'messages' list")
         conversations.append((number, check_conversation(record["messages"], where)))

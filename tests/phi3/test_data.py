@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -51,6 +52,50 @@ def test_read_conversations_errors_name_the_line(tmp_path, bad_line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [conversation("a", "b"), bad_line])
     with pytest.raises(ValueError, match=message):
         read_conversations(path)
+
+
+# Characters that str.splitlines() ends a line at but that JSON strings may hold unescaped.
+LINE_BREAKS_IN_STRINGS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
+
+
+def test_read_conversations_keeps_unicode_line_separators_inside_strings(tmp_path):
+    question, answer = f"one{LINE_BREAKS_IN_STRINGS}two", "ok\u2029done\x85"
+    record = json.dumps(conversation(question, answer), ensure_ascii=False)
+    path = tmp_path / "u.jsonl"
+    path.write_text(f"{record}\n\n{record}\n", encoding="utf-8")
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    assert read_conversations(path) == [(1, messages), (3, messages)]
+    # A bad line after such a line is reported at its own line number.
+    path.write_text(f"{record}\n{record}\n{{\"messages\": [\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}:3: not valid JSON")):
+        read_conversations(path)
+
+
+def test_read_conversations_reads_crlf_files(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    lines = [json.dumps(conversation("a\u2028b", "c")), "", json.dumps(conversation("d", "e", "s"))]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    assert [(n, m[-1]["content"]) for n, m in read_conversations(path)] == [(1, "c"), (3, "e")]
+    path.write_bytes(b"\r\n".join([lines[0].encode(), b'{"messages": 1]', b""]))
+    with pytest.raises(ValueError) as info:
+        read_conversations(path)
+    assert str(info.value) == f"{path}:2: not valid JSON (Expecting ',' delimiter at column 15)"
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [
+        ('{"messages": [{"role": "user", "content": "a', "Unterminated string starting at column 43"),
+        ('{"messages": [', "Expecting value at column 15"),
+        ('{"messages": [{"role" "user"}]}', "Expecting ':' delimiter at column 23"),
+        ('{"messages": [{"role": "us\ter"}]}', "Invalid control character at column 27"),
+    ],
+)
+def test_read_conversations_json_error_text(tmp_path, bad_line, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [conversation("a", "b"), bad_line])
+    with pytest.raises(ValueError) as info:
+        read_conversations(path)
+    assert str(info.value) == f"{path}:2: not valid JSON ({reason})"
 
 
 def test_empty_and_unreadable_datasets(tmp_path):
