@@ -76,7 +76,13 @@ class LoRATrainerMixin:
     trainable adapters as PEFT's would be, so for that check only the model is marked as carrying adapters.
     """
 
+    _takes_trainer_model = True  # LoRASFTTrainer: False (TRL reads model.config and calls it with its own arguments)
+
     def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
+        if isinstance(model, TrainerModel) and not self._takes_trainer_model:
+            raise TypeError(f"{type(self).__name__} needs transformers' Phi3ForCausalLM patched with lora.phi3.patch "
+                            "(TRL reads the model's config and calls it with its own arguments); TrainerModel, our "
+                            "model's wrapper, is for LoRATrainer")
         adapted = _adapted_model(model) if model is not None else None
         vouch = (adapted is not None and getattr(adapted, "is_quantized", False)
                  and not getattr(adapted, "_hf_peft_config_loaded", False) and _has_trainable_adapters(adapted))
@@ -125,8 +131,19 @@ class TrainerModel(nn.Module):
     without an attention mask (position ids restarting at 0, as TRL's padding-free packing gives them) attend
     within their own document only.
 
+    The loss is the mean over the batch's labelled tokens or, given `num_items_in_batch` (the labelled tokens
+    of the whole optimizer step, which the Trainer passes), their sum divided by it, as transformers' causal
+    models do: under gradient accumulation each micro-batch then weighs by its tokens, and the step's update
+    and logged loss do not depend on how the batch is split.
+
     >>> trainer = LoRATrainer(model=TrainerModel(patched_phi3), args=args, train_dataset=data)  # doctest: +SKIP
     """
+
+    # Read by Trainer.__init__: the forward takes `num_items_in_batch` (so the Trainer leaves the gradient
+    # accumulation's normalisation to it), and the loss shifts labels (so the Trainer counts `labels[..., 1:]`,
+    # the tokens the loss sums over, not the full labels).
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
 
     def __init__(self, model: Phi3ForCausalLM) -> None:
         if not isinstance(model, Phi3ForCausalLM):
@@ -141,14 +158,18 @@ class TrainerModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **unused: Any,
     ) -> CausalLMOutput:
         packed = position_ids is not None and attention_mask is None
         documents = document_ids_from_positions(position_ids.expand(input_ids.shape[0], -1)) if packed else None
         inputs = {"position_ids": position_ids, "attention_mask": attention_mask, "document_ids": documents}
         loss = logits = None
-        if labels is not None:
+        if labels is not None and num_items_in_batch is None:
             loss = self.model.loss(input_ids, labels, **inputs)
+        elif labels is not None:  # a step without labelled tokens has a zero sum: 0, not 0 / 0
+            loss = self.model.loss(input_ids, labels, **inputs, reduction="sum")
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
         if labels is None or not self.training:
             logits = self.model(input_ids, **inputs)
         return CausalLMOutput(loss=loss, logits=logits)
@@ -179,6 +200,7 @@ def __getattr__(name: str) -> Any:
 
         trainer = type("LoRASFTTrainer", (LoRATrainerMixin, SFTTrainer), {
             "__doc__": "TRL's `SFTTrainer` whose checkpoints and `save_model()` hold only the adapters.",
+            "_takes_trainer_model": False,
             "__module__": __name__,
         })
         globals()[name] = trainer

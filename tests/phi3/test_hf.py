@@ -189,6 +189,51 @@ def test_our_model_trains_under_the_trainer_through_trainer_model(tokenizer, tok
     assert output.logits.shape == (2, 10, len(tokenizer)) and torch.isfinite(output.loss)
 
 
+def one_sgd_step(model, tokenizer, data, output_dir, batch, accumulation, *, trainer_model=False):
+    """(update of the adapters, logged loss) of one plain SGD step, lr 1, over `batch * accumulation` rows;
+    `trainer_model` trains our `model` through `TrainerModel`."""
+    before = adapters(model)
+    trainer = lm_trainer(hf.TrainerModel(model) if trainer_model else model, tokenizer, data, output_dir,
+                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
+                         save_strategy="no", bf16=False, activation_checkpointing=False, optim="sgd",
+                         learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant")
+    trainer.train()
+    after = adapters(model)
+    return {name: after[name] - before[name] for name in after}, losses(trainer)[0]
+
+
+def test_trainer_model_weighs_every_token_alike_however_gradient_accumulation_splits_the_step(tokenizer, tmp_path):
+    """4 rows with 2, 46, 3 and 13 labelled tokens, one step in 1, 2 or 4 micro-batches: each gives transformers'
+    update and logged loss, from the mean over the step's 64 predicted tokens (not a mean of micro-batch means;
+    a row's first label, predicted by nothing, is not counted)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for length, prompt in ((3, 0), (48, 2), (6, 3), (30, 17)):  # the first `prompt` labels are -100
+        ids = torch.randint(3, len(tokenizer), (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    data = datasets.Dataset.from_list(rows)
+
+    def with_adapters(model):
+        patch(model, r=4, lora_alpha=8, lora_dropout=0.0)
+        init = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # lora_B starts at zero; random adapters give lora_A a gradient too
+            for name, p in sorted(model.named_parameters()):
+                if name.endswith(("lora_A", "lora_B")):
+                    p.copy_(torch.randn(p.shape, generator=init) * 0.2)
+        return model
+
+    theirs = base_model(tokenizer)
+    want, want_loss = one_sgd_step(with_adapters(copy.deepcopy(theirs)), tokenizer, data, tmp_path / "theirs", 4, 1)
+    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        ours = Phi3ForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+        ours.load_state_dict(theirs.state_dict())
+        got, got_loss = one_sgd_step(with_adapters(ours), tokenizer, data, tmp_path / f"ours-{batch}x{accumulation}",
+                                     batch, accumulation, trainer_model=True)
+        split = f"{batch} rows x {accumulation} micro-batches"
+        assert got_loss == pytest.approx(want_loss, rel=1e-6), split
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda text, split=split: f"{split}: {text}")
+
+
 def test_trainer_model_refuses_transformers_model_and_checkpointing_it_cannot_do(tokenizer):
     with pytest.raises(TypeError, match=r"^TrainerModel wraps a lora.phi3.Phi3ForCausalLM; got Phi3ForCausalLM"):
         hf.TrainerModel(base_model(tokenizer))
@@ -200,6 +245,8 @@ def test_trainer_model_refuses_transformers_model_and_checkpointing_it_cannot_do
     assert not model.model.gradient_checkpointing
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert model.model.gradient_checkpointing
+    with pytest.raises(TypeError, match=r"^LoRASFTTrainer needs transformers' Phi3ForCausalLM patched with lora"):
+        hf.LoRASFTTrainer(model=model)  # TRL reads model.config and calls it with its own arguments
 
 
 def test_save_adapters_writes_both_formats_and_nothing_else(tokenizer, tmp_path):
