@@ -183,12 +183,17 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             if not isinstance(entry, dict):
                 raise ValueError(f"{path}: metadata {key!r}: {name!r} is {type(entry).__name__} {entry!r}, "
                                  "expected an object")
+    check_tensors(path, tensors)
+    return metadata, tensors
+
+
+def check_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A ValueError naming `path` and the key unless every adapter tensor is floating point and finite."""
     for name, tensor in sorted(tensors.items()):
         if not tensor.is_floating_point():
             raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; adapters are floating point")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: tensor {name!r} holds NaN or inf")
-    return metadata, tensors
 
 
 def load_adapter(

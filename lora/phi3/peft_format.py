@@ -25,10 +25,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lora.adapter import check_tensors
 from lora.atomic import atomic_directory
 from lora.layers import Linear, LoRALayer, MergedLinear, lora_alpha_for, lora_layers, lora_scaling
 from lora.phi3.config import read_json
-from lora.phi3.patch import MODULE_NAMES, ModuleSpec, apply_specs, is_patchable
+from lora.phi3.patch import ModuleSpec, apply_specs, is_patchable
 from lora.sharding import full_tensor, is_sharded, shard_like, writes_files
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "peft_tensors"]
@@ -40,7 +41,8 @@ PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:(?P<which>[AB])(?:\.[^.]+)?\.weight"
                   r"|magnitude_vector(?:\.[^.]+)?(?:\.weight)?)$")  # which: None for DoRA's magnitude
 
-# PEFT options that change the maths or the saved modules; an adapter using any of them is refused.
+# PEFT options that change the maths or the saved modules; an adapter using any of them is refused. The
+# variants' sub-configs are on as soon as they are not None (PEFT turns even `{}` into a config object).
 _UNSUPPORTED = {
     "lora_bias": (False, None),
     "modules_to_save": (None, []),
@@ -50,7 +52,15 @@ _UNSUPPORTED = {
     "trainable_token_indices": (None, [], {}),
     "use_qalora": (False, None),
     "fan_in_fan_out": (False, None),
+    "alora_invocation_tokens": (None, []),  # aLoRA: the adapter acts only from the invocation tokens on
+    "use_bdlora": (None,),  # BD-LoRA: block-diagonal A or B
+    "kasa_config": (None,),  # KaSA: a learned diagonal between A and B, and an SVD-truncated base
+    "monteclora_config": (None,),  # MonteCLoRA: sampled perturbations of A
+    "arrow_config": (None,),  # Arrow: per-token routing over several adapters
+    "velora_config": (None,),  # VeLoRA: its own backward for A (compressed activations): other gradients
 }
+# Dtypes a base may have been rounded to before the adapter was saved from it (a bf16 or fp16 copy of the model).
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _peft_pair(layer: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +135,10 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
         for name, layer in layers:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = _peft_magnitude(layer)
     modules = sorted(pairs)
-    short = sorted({name.rsplit(".", 1)[1] for name in modules})
-    every_layer = {f"model.layers.{i}.{MODULE_NAMES[s][0]}.{s}" for s in short
-                   for i in range(len(model.model.layers))} == set(modules)
+    short = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    # PEFT targets each module whose name is a target or ends in "." + a target.
+    matched = {name for name, _ in model.named_modules()
+               if any(name == s or name.endswith(f".{s}") for s in short)}
     dropouts = {layer.dropout_rate for _, layer in layers}
     config = {
         "peft_type": "LORA",
@@ -137,8 +148,8 @@ def peft_tensors(model: nn.Module, *, uniform_rank: bool = False) -> tuple[dict[
         "lora_alpha": alpha,
         "lora_dropout": max(dropouts),
         "use_rslora": use_rslora,
-        # Short names when every layer has the module (what vLLM expects); full names otherwise.
-        "target_modules": short if every_layer else modules,
+        # Short names when they select exactly the adapted modules (what vLLM expects); full names otherwise.
+        "target_modules": short if matched == set(modules) else modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
@@ -175,6 +186,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no PEFT adapter config (expected {CONFIG_NAME} in {path})")
     config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object of PEFT settings, got {type(config).__name__} "
+                         f"{config!r:.80}")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; only 'LORA' is")
     for key, allowed in _UNSUPPORTED.items():
@@ -199,6 +213,10 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
     def fail(key: str, expected: str) -> None:
         raise ValueError(f"{path}: {key} must be {expected}, got {config[key]!r} ({type(config[key]).__name__})")
 
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        fail("target_modules", "a list of module names or a regex string")
     if "r" in config and not (_is_int(config["r"]) and config["r"] > 0):
         fail("r", "a positive integer")
     if "lora_alpha" in config and not (_is_number(config["lora_alpha"]) and config["lora_alpha"] > 0):
@@ -211,7 +229,8 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
             fail(key, "true or false (a boolean, not a string)")
     # Inits that change the base weights (PiSSA, OLoRA, CorDA, LoftQ, EVA...) make an adapter that is only
     # right on that changed base; only the plain ones leave the base as it was.
-    if config.get("init_lora_weights", True) not in (True, False, "gaussian"):
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init == "gaussian"):
         fail("init_lora_weights", "true, false or \"gaussian\" (other inits change the base weights, which "
              "lora.phi3 does not reproduce)")
     for key, valid in (("rank_pattern", lambda v: _is_int(v) and v > 0), ("alpha_pattern", _is_number)):
@@ -229,21 +248,27 @@ def _check_config_types(config: dict[str, Any], path: Path) -> None:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    weights = path / WEIGHTS_NAME
+    """The adapter's tensors, each floating point and finite (as `lora.load_adapter` requires of its files)."""
+    weights, legacy = path / WEIGHTS_NAME, path / PICKLE_WEIGHTS_NAME
     if weights.is_file():
         try:
             with safe_open(weights, framework="pt") as f:
-                return {key: f.get_tensor(key) for key in f.keys()}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{weights}: not a readable safetensors file (corrupt or truncated?): {error}") from error
-    legacy = path / PICKLE_WEIGHTS_NAME
-    if legacy.is_file():
+    elif legacy.is_file():
+        weights = legacy
         try:
-            state = torch.load(legacy, map_location="cpu", weights_only=True)
+            tensors = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True): {error}") from error
-        return dict(state)
-    raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {PICKLE_WEIGHTS_NAME} found")
+            raise ValueError(f"{weights}: cannot be read with torch.load(weights_only=True): {error}") from error
+        if not (isinstance(tensors, dict)
+                and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())):
+            raise ValueError(f"{weights}: expected a dict of name -> tensor, got {type(tensors).__name__}")
+    else:
+        raise FileNotFoundError(f"{path}: neither {WEIGHTS_NAME} nor {PICKLE_WEIGHTS_NAME} found")
+    check_tensors(weights, tensors)
+    return dict(tensors)
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
@@ -279,6 +304,10 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     for module, pair in sorted(pairs.items()):
         if not {"A", "B"} <= set(pair):
             raise ValueError(f"{path}: module {module!r} has lora_{'B' if 'A' in pair else 'A'} missing")
+        for which, dims in (("A", "(rank, in_features)"), ("B", "(out_features, rank)")):
+            if pair[which].dim() != 2:
+                raise ValueError(f"{path}: {module}.lora_{which} has shape {tuple(pair[which].shape)}; "
+                                 f"expected 2-D {dims}")
         if use_dora != ("magnitude" in pair):
             raise ValueError(f"{path}: module {module!r} " + ("has no lora_magnitude_vector, which use_dora=true "
                              "needs" if use_dora else "has a lora_magnitude_vector but the config says use_dora=false"))
@@ -377,15 +406,23 @@ def _to_layer(path: Path, module: str, layer: LoRALayer, A: torch.Tensor, B: tor
 
 def _magnitude_to_layer(path: Path, module: str, layer: LoRALayer, magnitude: torch.Tensor) -> torch.Tensor:
     """This layer's lora_magnitude from PEFT's whole-module one: the adapted rows; every other row must be its
-    own row norm (scale 1), or the per-slice layer could not reproduce PEFT's output."""
+    own row norm (scale 1), or the per-slice layer could not reproduce PEFT's output.
+
+    "Its own row norm" is that of this model's weight or of the weight rounded to bf16 or fp16 (an adapter saved
+    from a half-precision copy of the base), to two ulps of the coarser of the file's and the weight's dtypes
+    (but no tighter than 1e-5, float32's rounding in the sum over a row).
+    """
     if not isinstance(layer, MergedLinear):
         return magnitude
-    norms = torch.linalg.vector_norm(layer.weight.detach().float(), dim=1)
     keep = torch.zeros(layer.out_features, dtype=torch.bool)
     for s in layer.lora_slices:
         keep[s.columns] = True
-    others, own = magnitude.float()[~keep], norms[~keep]
-    if others.numel() and not torch.allclose(others, own, rtol=1e-5, atol=1e-7):
+    others, rows = magnitude.float()[~keep], full_tensor(layer.weight).detach()[~keep]  # (unadapted,), (., in)
+    coarse = max(torch.finfo(magnitude.dtype).eps, torch.finfo(rows.dtype).eps)
+    rtol = max(2 * coarse, 1e-5)
+    candidates = (rows, *(rows.to(dtype) for dtype in _HALF_DTYPES if dtype != rows.dtype))
+    own = (torch.linalg.vector_norm(w.float(), dim=1) for w in candidates)
+    if others.numel() and not any(torch.allclose(others, norms, rtol=rtol, atol=1e-7) for norms in own):
         raise ValueError(f"{path}: {module}'s lora_magnitude_vector rescales rows the model's per-slice layer "
                          "does not adapt; load it onto an unpatched model instead")
     return magnitude[keep]
