@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from lora.phi3 import Phi3Config
@@ -55,5 +56,6 @@ def randomise_adapters(model: Any, seed: int = 3, scale: float = 0.2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            if name.endswith(("lora_A", "lora_B")):
+            # ours end in lora_A / lora_B; PEFT's in lora_A.<adapter name>.weight
+            if name.endswith(("lora_A", "lora_B")) or re.search(r"\.lora_[AB]\.[^.]+\.weight$", name):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
