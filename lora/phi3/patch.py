@@ -183,7 +183,10 @@ def plan_modules(
             raise ValueError(f"layers must hold layer indices in [0, {len(decoder)}); got {index!r}")
     specs = []
     for index in sorted(set(indices)):
-        for module, slices in plan.items():
+        # in the model's module order, whatever the targets' order: the adapters are drawn in this order, and
+        # lora.phi3.fsdp draws them in module order too (the same targets must start from the same values)
+        for module in (m for m in MODULE_NAMES if m in plan):
+            slices = plan[module]
             parent, slice_names = MODULE_NAMES[module]
             name = f"model.layers.{index}.{parent}.{module}"
             sizes = split_sizes(model, module) if slices else None

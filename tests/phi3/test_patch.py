@@ -8,6 +8,8 @@ from phi3_tiny import TINY, randomise_adapters
 
 import lora
 from lora.phi3 import from_pretrained, patch
+from lora.phi3.checkpoint import plan_checkpoint
+from lora.phi3.fsdp import _draw_adapters
 from lora.phi3.patch import resolve_targets
 
 
@@ -116,6 +118,30 @@ def test_patching_twice_is_an_error(hf_checkpoint):
     with pytest.raises(ValueError) as info:
         patch(model, r=2)
     assert str(info.value) == "the model is already patched (it has LoRA layers); load a fresh model to patch again"
+
+
+def test_the_targets_order_does_not_change_the_initial_adapters(hf_checkpoint):
+    # A is drawn module by module in the model's order (as lora.phi3.fsdp draws it for a sharded model)
+    _, path = hf_checkpoint()
+
+    def initial(targets):
+        model = from_pretrained(path)
+        torch.manual_seed(0)
+        patch(model, r=2, targets=targets)
+        return lora.lora_state_dict(model)
+
+    def sharded_initial(targets):  # what lora.phi3.fsdp draws for a model built on the meta device
+        model = plan_checkpoint(path).model
+        patch(model, r=2, targets=targets)
+        torch.manual_seed(0)
+        _draw_adapters(model)
+        return lora.lora_state_dict(model)
+
+    for one, other in ((("qkv_proj", "o_proj", "down_proj"), ("down_proj", "o_proj", "qkv_proj")),
+                       (("q", "v", "o_proj"), ("o_proj", "v", "q"))):
+        a, b, c = initial(one), initial(other), sharded_initial(other)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (one, other)
+        assert all(torch.equal(a[k], c[k]) for k in a if k.endswith("lora_A")), other  # B: zero in both
 
 
 def test_resolve_targets_merges_aliases():
