@@ -74,17 +74,17 @@ def _rank_divisor(r: int, use_rslora: bool) -> float:
 def check_hyperparameters(r: Any, lora_alpha: Any, lora_dropout: Any) -> None:
     """Raise `TypeError`/`ValueError` unless `r`, `lora_alpha` and `lora_dropout` are valid.
 
-    Any integer type is accepted for `r` (numpy's too, as loralib does); `bool` is not.
+    Any integer or real type is accepted (numpy's too, as loralib does); `bool` is not.
     """
     if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r must be a non-negative int (0 means no LoRA); got {r!r} of type {type(r).__name__}")
     if r < 0:
         raise ValueError(f"r must be a non-negative int (0 means no LoRA); got {r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
+    if isinstance(lora_alpha, (bool, np.bool_)) or not isinstance(lora_alpha, numbers.Real):
         raise TypeError(f"lora_alpha must be a positive number; got {lora_alpha!r} of type {type(lora_alpha).__name__}")
     if not lora_alpha > 0 or not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a positive, finite number; got {lora_alpha}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
+    if isinstance(lora_dropout, (bool, np.bool_)) or not isinstance(lora_dropout, numbers.Real):
         raise TypeError(f"lora_dropout must be a float in [0, 1); got {lora_dropout!r}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1); got {lora_dropout}")
@@ -139,6 +139,9 @@ class LoRALayer:
         check_flags(use_rslora=use_rslora, merge_weights=merge_weights)
         r = int(r)
         use_rslora, merge_weights = bool(use_rslora), bool(merge_weights)
+        # Python numbers from numpy's: they go into JSON metadata and into torch ops as scalars
+        lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+        lora_dropout = float(lora_dropout)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
@@ -357,9 +360,20 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
     Every tensor's shape must match (LoRA or not; a `ValueError` naming the first key), and with `strict`
     no key under `prefix` may be missing or unexpected (a `RuntimeError`, as torch's). Without this check
     torch copies module by module and raises only at the end, leaving the model half-loaded.
+
+    A model with load hooks of its own (a pre-hook renaming keys, a post-hook forgiving missing ones, lazy
+    modules) is left to torch's loading as it is: what those hooks do cannot be foreseen here. A BatchNorm's
+    `num_batches_tracked` is not missing where torch fills it in (a state dict without version metadata).
     """
+    if _has_own_load_hooks(model):
+        return
     check_lora_shapes(model, state_dict, prefix)
     expected = {prefix + name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
+        version = metadata.get(name, {}).get("version")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (version is None or version < 2):
+            expected.pop(f"{name}.num_batches_tracked" if name else "num_batches_tracked", None)
     given = {key: key for key in state_dict if key.startswith(prefix)}
     for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
         if isinstance(module, ConvLoRA):  # loralib 0.1.2's `conv.weight`, accepted on load
@@ -379,6 +393,17 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
             parts += [f"Unexpected key(s) in state_dict: {', '.join(map(repr, unexpected[:10]))}"] if unexpected else []
             raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__}: {'; '.join(parts)}; "
                                "nothing was loaded (strict=False allows missing and unexpected keys)")
+
+
+def _has_own_load_hooks(model: nn.Module) -> bool:
+    """Whether a module of `model` has state-dict load hooks other than ours (`check_lora_shapes_on_load`'s, and
+    the loralib conv keys' rename, which `check_state_dict` applies itself)."""
+    ours = (_check_lora_shapes_hook, _accept_loralib_conv_keys)
+    for module in model.modules():
+        hooks = [*module._load_state_dict_pre_hooks.values(), *module._load_state_dict_post_hooks.values()]
+        if any(getattr(hook, "hook", hook) not in ours for hook in hooks):
+            return True
+    return False
 
 
 def _requested_strict() -> bool:

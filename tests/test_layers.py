@@ -4,6 +4,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -770,6 +771,58 @@ def test_layer_level_load_checks_every_key_first(kind, strict):
             assert _changed(layer, before) == [], (name, kind)
     layer.load_state_dict(sd, strict=strict)
     assert all(torch.equal(v, sd[k]) for k, v in layer.state_dict().items())
+
+
+def test_the_load_check_leaves_what_torch_would_load_to_torch():
+    # What torch's own loading forgives must load after mark_only_lora_as_trainable too, as with loralib.
+    def model():
+        net = nn.Sequential(lora.Linear(4, 4, r=2), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        lora.mark_only_lora_as_trainable(net)
+        return net
+
+    source = model()
+    randomise(source, seed=3)
+    state = source.state_dict()
+    # a state dict without version metadata: BatchNorm fills in num_batches_tracked
+    legacy = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    target = model()
+    target.load_state_dict(legacy)
+    assert torch.equal(target[0].lora_B, source[0].lora_B)
+    # with version 2 metadata it is missing, as torch says: refused before anything is copied
+    versioned = copy.copy(state)
+    versioned._metadata = state._metadata
+    del versioned["1.num_batches_tracked"]
+    target = model()
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: '1\.num_batches_tracked'; nothing was"):
+        target.load_state_dict(versioned)
+    assert not torch.equal(target[0].lora_B, source[0].lora_B)
+
+    def rename(module, state_dict, prefix, *args):  # a checkpoint whose layer keys were spelled "w", "b"
+        for old, new in (("w", "weight"), ("b", "bias")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+    renamed = {k.replace("2.weight", "2.w").replace("0.weight", "0.w"): v for k, v in state.items()}
+    for holder in (2, 0):  # the hook on a plain submodule, and on the LoRA layer itself
+        target = model()
+        for i in (0, 2):
+            target[i].register_load_state_dict_pre_hook(rename)
+        target.load_state_dict(renamed)
+        assert torch.equal(target[holder].weight, source[holder].weight)
+
+    target = model()  # a post-hook that forgives a missing key, torch's documented way
+    target.register_load_state_dict_post_hook(lambda module, keys: keys.missing_keys.remove("2.bias"))
+    target.load_state_dict({k: v for k, v in state.items() if k != "2.bias"})
+    assert torch.equal(target[0].lora_A, source[0].lora_A)
+
+
+def test_numpy_hyperparameters_are_accepted_as_python_numbers():
+    layer = lora.Linear(4, 4, r=np.int64(2), lora_alpha=np.float32(8.0), lora_dropout=np.float32(0.25))
+    assert (layer.r, layer.lora_alpha, layer.scaling, layer.dropout_rate) == (2, 8.0, 4.0, 0.25)
+    assert type(layer.lora_alpha) is float and type(layer.dropout_rate) is float
+    assert type(lora.Linear(4, 4, r=2, lora_alpha=np.int64(4)).lora_alpha) is int
+    with pytest.raises(TypeError, match="lora_alpha must be a positive number; got np.True_"):
+        lora.Linear(4, 4, r=2, lora_alpha=np.bool_(True))
 
 
 def test_loralib_conv_keys_still_load_under_the_whole_state_dict_check():
