@@ -161,6 +161,9 @@ class TrainerModel(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         **unused: Any,
     ) -> CausalLMOutput:
+        if unused.get("shift_labels") is not None:  # the Trainer's context parallelism would count those tokens
+            raise ValueError("TrainerModel: shift_labels (context parallelism) is not supported; our loss shifts "
+                             "`labels` itself, over whole sequences")
         packed = position_ids is not None and attention_mask is None
         documents = document_ids_from_positions(position_ids.expand(input_ids.shape[0], -1)) if packed else None
         inputs = {"position_ids": position_ids, "attention_mask": attention_mask, "document_ids": documents}

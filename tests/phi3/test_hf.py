@@ -247,6 +247,9 @@ def test_trainer_model_refuses_transformers_model_and_checkpointing_it_cannot_do
     assert model.model.gradient_checkpointing
     with pytest.raises(TypeError, match=r"^LoRASFTTrainer needs transformers' Phi3ForCausalLM patched with lora"):
         hf.LoRASFTTrainer(model=model)  # TRL reads model.config and calls it with its own arguments
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^TrainerModel: shift_labels \(context parallelism\) is not supported"):
+        model(ids, labels=ids, shift_labels=ids)
 
 
 def test_save_adapters_writes_both_formats_and_nothing_else(tokenizer, tmp_path):
