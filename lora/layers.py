@@ -554,6 +554,7 @@ class Linear(LoRALayer, nn.Linear):
         cls._check_linear(module, fan_in_fan_out)
         _check_dora(r, use_dora)
         _check_quantized(cls, module, r, merge_weights, use_dora)
+        quant.standard_layout(module.weight)  # the layer dequantizes the standard layout (bnb may have repacked it)
         return cls._wrap_linear(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
                                 use_dora, adapter_dtype, {})
 
@@ -873,6 +874,7 @@ class MergedLinear(Linear):
             enable_lora = (True,) * len(split_sizes)
         enable_lora, split_sizes = cls._check_slices(module.out_features, r, enable_lora, split_sizes)
         _check_dora(r, use_dora)
+        quant.standard_layout(module.weight)  # as in Linear.from_module
         return cls._wrap_linear(module, _Hyper(r, lora_alpha, lora_dropout, merge_weights, use_rslora), fan_in_fan_out,
                                 use_dora, adapter_dtype, {"enable_lora": enable_lora, "split_sizes": split_sizes})
 

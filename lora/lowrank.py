@@ -528,13 +528,14 @@ def lowrank_linear(
     """
     dtype = compute_dtype(x)
     # Casts outside the Function, so that autograd takes dx (and a trainable weight's gradient) back to
-    # the caller's dtype; each is a no-op when the dtype already fits. A packed 4-bit weight (a uint8
-    # bitsandbytes Params4bit) goes in as it is: the Function dequantizes it straight into the compute dtype.
+    # the caller's dtype; each is a no-op when the dtype already fits. A packed 4-bit weight (a bitsandbytes
+    # Params4bit, its bytes stored as uint8 or bf16) goes in as it is: the Function dequantizes it straight into the
+    # compute dtype.
     quant_state = None
-    if weight.is_floating_point():
-        weight = weight.to(dtype)
-    else:
+    if getattr(weight, "quant_state", None) is not None:
         quant_state = _quant_state(weight, fan_in_fan_out)
+    else:
+        weight = weight.to(dtype)
     x = x.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     lead = x.shape[:-1]

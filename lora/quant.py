@@ -17,6 +17,9 @@ torch.Size([64, 32])
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any, Literal
 
@@ -35,11 +38,13 @@ __all__ = [
     "linear4bit",
     "logical_dtype",
     "logical_shape",
+    "no_cpu_repack",
     "quant_state_entries",
     "quant_state_from_entries",
     "quant_state_of",
     "quantize_weight",
     "require_bitsandbytes",
+    "standard_layout",
 ]
 
 # bitsandbytes' default block (and the QLoRA paper's): one absmax scale per 64 weights.
@@ -68,12 +73,9 @@ def require_bitsandbytes() -> ModuleType:
 
 
 def is_quantized(weight: Any) -> bool:
-    """Whether `weight` is a packed 4-bit bitsandbytes weight (a tensor with a `quant_state`).
-
-    Cheap for ordinary weights: a floating-point tensor is answered by its dtype alone.
-    """
-    return (isinstance(weight, torch.Tensor) and not weight.is_floating_point()
-            and getattr(weight, "quant_state", None) is not None)
+    """Whether `weight` is a packed 4-bit bitsandbytes weight (a tensor with a `quant_state`), whatever the
+    dtype its bytes are stored as (uint8, or transformers' `bnb_4bit_quant_storage=torch.bfloat16` for FSDP)."""
+    return isinstance(weight, torch.Tensor) and getattr(weight, "quant_state", None) is not None
 
 
 def quant_state_of(weight: torch.Tensor) -> Any:
@@ -91,18 +93,46 @@ def logical_shape(weight: torch.Tensor) -> torch.Size:
 
 
 def logical_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype a weight computes in: its own, or the one a packed 4-bit weight dequantizes to."""
-    return quant_state_of(weight).dtype if is_quantized(weight) else weight.dtype
+    """The dtype a weight computes in: its own, or the one a packed 4-bit weight dequantizes to (the one it was
+    quantized from, also after bnb's CPU repack, which labels its state bfloat16)."""
+    if not is_quantized(weight):
+        return weight.dtype
+    state = quant_state_of(weight)
+    return state.original_dtype if getattr(state, "packing_format_for_cpu", False) else state.dtype
 
 
 def _unpacked_for_cpu(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     # bnb's Linear4bit repacks its weight in place into an AVX512-BF16 layout the first time it runs in eval mode
-    # without grad on such a CPU; dequantize_4bit reads only the standard layout, so undo it (a copy).
+    # without grad on such a CPU; dequantize_4bit reads only the standard layout, so undo it: into a new tensor and
+    # a copy of the state, since bnb's inverse rewrites the state it is given (the weight's own, still packed).
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        return _convert_weight_packed_for_cpu_inverse(data, state)
+        return _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
     return data, state
+
+
+def standard_layout(weight: torch.Tensor) -> None:
+    """Put a packed 4-bit weight that bnb's CPU repack rewrote back into the standard layout, in place (as bnb's
+    own `Linear4bit` does before it saves or moves to a GPU); a no-op for anything else."""
+    if is_quantized(weight) and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _unpacked_for_cpu(weight.data, weight.quant_state)
+
+
+@contextlib.contextmanager
+def no_cpu_repack(model: nn.Module) -> Iterator[None]:
+    """bnb's `Linear4bit` modules of `model` compute as in training for the duration (dequantized, in their
+    compute dtype) instead of through the AVX512-BF16 kernel bnb switches to in eval mode without grad (bf16
+    whatever the model's dtype); their weights are left in the standard layout."""
+    modules = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for module in modules:
+        standard_layout(module.weight)
+        module.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.support_avx512bf16_for_cpu = True
 
 
 def dequantize(weight: torch.Tensor, state: Any = None) -> torch.Tensor:
@@ -127,11 +157,8 @@ def quant_state_entries(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes (and transformers) save beside a packed weight, by name under `weight.`:
     `absmax`, `quant_map`, `nested_absmax`, `nested_quant_map`, `quant_state.bitsandbytes__nf4`
     (the last one a JSON blob of the shape, dtype, block size and type, as uint8)."""
-    state = quant_state_of(weight)
-    if getattr(state, "packing_format_for_cpu", False):  # back to the standard layout, as bnb's Linear4bit does
-        weight.data, weight.quant_state = _unpacked_for_cpu(weight.data, state)
-        state = weight.quant_state
-    return {key: value.detach() for key, value in state.as_dict(packed=True).items()}
+    standard_layout(weight)  # as bnb's Linear4bit does before it saves
+    return {key: value.detach() for key, value in quant_state_of(weight).as_dict(packed=True).items()}
 
 
 def quant_state_from_entries(entries: dict[str, torch.Tensor], device: torch.device | str) -> Any:

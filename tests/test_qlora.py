@@ -223,3 +223,45 @@ def test_chunked_quantization_gives_bitsandbytes_bits(monkeypatch, quant_type, d
     assert torch.equal(ours.data, packed)
     mine, theirs = quant.quant_state_entries(ours), state.as_dict(packed=True)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def bnb_repacked(layer):
+    """What bitsandbytes' Linear4bit does to its weight at its first eval-mode forward without grad on an
+    AVX512-BF16 CPU (done by hand, so that the test runs on any CPU)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    weight = layer.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    assert weight.quant_state.packing_format_for_cpu and weight.quant_state.dtype == torch.bfloat16
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_a_weight_bitsandbytes_repacked_for_its_cpu_kernel_computes_the_same_every_call(kind):
+    module = bnb_repacked(quantized_linear(dtype=torch.float32))
+    assert quant.logical_dtype(module.weight) == torch.float32  # not the repack's bfloat16 label
+    first, second = quant.dequantize(module.weight), quant.dequantize(module.weight)
+    assert first.dtype == torch.float32 and torch.equal(first, second)  # the weight's state was not rewritten
+    assert module.weight.quant_state.packing_format_for_cpu
+    layer = make_layer(kind, module)  # wraps it in the standard layout, once
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    assert torch.equal(quant.dequantize(layer.weight), first)
+    x = torch.randn(5, 64)
+    ref = reference_layer(layer)
+    for _ in range(2):
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_4bit_weight_stored_as_bf16_bytes_is_recognised():
+    # transformers' bnb_4bit_quant_storage=torch.bfloat16 (for FSDP): the packed bytes viewed as bf16
+    module = quantized_linear(dtype=torch.float32, bias=False)
+    expected = quant.dequantize(module.weight)
+    packed = module.weight
+    stored = bnb.nn.Params4bit(packed.data.reshape(-1, 2).view(torch.bfloat16), requires_grad=False,
+                               quant_state=packed.quant_state, quant_type=packed.quant_type,
+                               quant_storage=torch.bfloat16, bnb_quantized=True)
+    module.weight = stored
+    assert quant.is_quantized(stored) and quant.logical_shape(stored) == (96, 64)
+    layer = lora.Linear.from_module(module, r=4, lora_alpha=8, merge_weights=False)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ expected.t(), rtol=1e-5, atol=1e-5)

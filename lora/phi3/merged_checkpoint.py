@@ -157,7 +157,9 @@ def merge_and_save(
     model.eval()
     try:
         with atomic_directory(root, replace=overwrite) as tmp:
-            with torch.no_grad():
+            # unadapted bnb 4-bit projections as in training, not through bnb's bf16 eval kernel: the merged
+            # checkpoint holds their dequantized weights, computed in the model's dtype
+            with torch.no_grad(), quant.no_cpu_repack(model):
                 expected = _logits(model, ids)
             for file, names in files.items():
                 _write_safetensors(tmp / file, [plan[name] for name in names])

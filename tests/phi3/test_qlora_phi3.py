@@ -207,3 +207,23 @@ def test_merge_and_save_writes_dequantized_plus_delta(base, tmp_path, dtype):
     # the check merge_and_save ran: 1e-4 (float32) or 3e-2 (bf16) of the logits' scale
     assert difference == (theirs - ours).abs().max().item()
     assert difference <= (1e-4 if dtype == torch.float32 else 3e-2) * max(1.0, ours.abs().max().item())
+
+
+def test_merge_and_save_on_transformers_4bit_model_with_unadapted_projections(base, tmp_path):
+    # transformers' 4-bit projections left unadapted are bitsandbytes' Linear4bit, whose eval-mode kernel on an
+    # AVX512-BF16 CPU computes in bf16: merge_and_save's reference runs them as training does, in float32, and
+    # leaves the model as it was (its weights in the standard layout, their settings restored)
+    model = hf_4bit(base)
+    patch(model, r=4, lora_alpha=8, lora_dropout=0.0, targets=("o_proj",))
+    randomise_adapters(model)
+    before = hf_logits(model)
+    flags = {n: m.support_avx512bf16_for_cpu for n, m in model.named_modules()
+             if hasattr(m, "support_avx512bf16_for_cpu")}
+    assert flags
+    difference = merge_and_save(model, tmp_path / "merged", probe_ids=IDS)
+    assert difference <= 1e-4 * before.abs().max()
+    assert {n: m.support_avx512bf16_for_cpu for n, m in model.named_modules() if n in flags} == flags
+    torch.testing.assert_close(hf_logits(model), before, rtol=0, atol=0)
+    with torch.no_grad():
+        merged = from_pretrained(tmp_path / "merged")(IDS)
+    torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-4)
