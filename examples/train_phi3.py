@@ -279,7 +279,7 @@ def load_data(c: argparse.Namespace, tokenizer: Any, template: ChatTemplate) -> 
     for path, name in ((c.data, "train"), (c.eval_data, "eval")):
         examples, stats = phi3.encode_conversations(phi3.read_conversations(path), tokenizer, template,
                                                     max_length=c.max_seq_length, policy=c.truncation)
-        log.info("%s (%s): %s (max %d tokens)", name, path, stats, c.max_seq_length)
+        log.info("%s (%s): %s (max %d tokens)", name, shown(path), stats, c.max_seq_length)
         if stats.dropped:
             log.warning("%s: dropped lines %s%s", name, stats.dropped_lines[:10], " ..." if stats.dropped > 10 else "")
         if not examples:
@@ -413,10 +413,16 @@ def finish(run: runs.RunDirectory, model: Phi3ForCausalLM, model_dir: Path, c: a
         written.append(("merged checkpoint", "merged", f" (max |logit difference| {difference:.1e})"))
     final = run.complete(vars(c))  # what is left of an earlier trajectory goes; a replacement takes out's place
     for label, path, note in written:
-        log.info("wrote %-20s%s%s", label + ":", (final / path).resolve() if path else "none", note)
+        log.info("wrote %-20s%s%s", label + ":", shown(final / path) if path else "none", note)
     log.info("unigram model of the assistant tokens (reference): loss %.4f", unigram)
     log.info("before training: eval loss %.4f, sample %r; after: %.4f, %r", *before, *after)
     print(f"eval loss: {before[0]:.4f} -> {after[0]:.4f} ({(after[0] / before[0] - 1) * 100:+.1f}%)", flush=True)
+
+
+def shown(path: str | Path) -> str:
+    """A path as the log shows it: relative to the working directory when it is under it, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 # --- Main: config, setup, data, eval, schedule, the loop, outputs.
@@ -437,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(c.model) if c.model else embedded_model_dir()
     model, summary = load_model(model_dir, c, procs.device)
     tokenizer, template, pad_id = load_chat_tokenizer(model_dir, model.config.vocab_size, c.chat_template)
-    log.info("model %s (%s, %s), tokenizer %d ids, chat template %s, %d process(es) on %s%s", model_dir,
+    log.info("model %s (%s, %s), tokenizer %d ids, chat template %s, %d process(es) on %s%s", shown(model_dir),
              "checkpoint" if c.model else "embedded", model.lm_head.weight.dtype, tokenizer.vocab_size, template.name,
              world, procs.device, ", sharded with FSDP2" if c.fsdp else "")
     train_rows, eval_rows = load_data(c, tokenizer, template)

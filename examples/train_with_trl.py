@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "runs" / "tiny-phi3-hf"
 TINY_SEED = 1234
 SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
-# Phi-3-mini-4k-instruct's current chat template (PHI3_FACTS.md, 3).
+# Phi-3-mini-4k-instruct's current chat template (the `chat_template` of its tokenizer_config.json on the Hub).
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"

@@ -44,9 +44,10 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def merged(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` with merged weights inside the block, and restore each layer's state after.
 
-    >>> model = torch.nn.Sequential(Linear(8, 8, r=2))  # doctest: +SKIP
+    >>> import lora
+    >>> model = torch.nn.Sequential(lora.Linear(8, 8, r=2))
     >>> with lora.merged(model):
-    ...     y = model(x)
+    ...     y = model(torch.randn(1, 8))
     """
     was_merged = [(layer, layer.merged) for _, layer in lora_layers(model)]
     try:

@@ -10,9 +10,9 @@ transformers' serialisation (`weight.absmax`, `weight.quant_map`, ... keys; `qua
 bitsandbytes is optional (`pip install "purelora[qlora]"`) and imported only when a weight is quantized
 or a quantization is asked for: the rest of `lora` never needs it.
 
->>> packed = quantize_weight(torch.randn(64, 32), quant_type="nf4")  # doctest: +SKIP
->>> dequantize(packed).shape                                          # doctest: +SKIP
-torch.Size([64, 32])
+>>> packed = quantize_weight(torch.randn(64, 128), quant_type="nf4")  # doctest: +SKIP
+>>> dequantize(packed).shape                                           # doctest: +SKIP
+torch.Size([64, 128])
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ _TEMPLATE_TOKEN = re.compile("|".join(re.escape(t) for t in
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """One of Phi-3's chat templates, as flags (the Jinja sources are quoted in PHI3_FACTS.md, 3).
+    """One of Phi-3's chat templates, as flags (their Jinja sources: the `chat_template` of each model's
+    `tokenizer_config.json` on the Hub, quoted in tests/phi3/phi3_tokenizer.py).
 
     `bos`: text starts with `<s>`. `system_role`: system turns are rendered (else dropped, as the April
     template does). `skip_empty_system`: an empty system turn is dropped (Phi-3.5). `prompt_after_user`:

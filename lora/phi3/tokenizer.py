@@ -2,7 +2,8 @@
 
 Both encode text without adding any special token (the chat template writes `<s>` itself where it wants
 one) and match Phi-3's special tokens atomically. Role tokens and `<|end|>` carry `rstrip`: they absorb the
-whitespace that follows them, so `"<|user|>\\nHi<|end|>\\n"` has no newline tokens (see PHI3_FACTS.md, 3).
+whitespace that follows them, so `"<|user|>\\nHi<|end|>\\n"` has no newline tokens (the flags of
+Phi-3-mini-4k-instruct's `tokenizer.json` on the Hub).
 
     tok = ByteTokenizer()
     tok.encode("<|user|>\\nHi<|end|>\\n") == [263, 72, 105, 262]

@@ -2,7 +2,7 @@
 
 Llama-style BPE with byte fallback (`<0x00>`..`<0xFF>`), SentencePiece's `▁` for spaces, and Phi-3's added
 tokens with their flags: `</s>` rstrip and not special, the role tokens and `<|end|>` rstrip and special,
-`<|endoftext|>` special without rstrip (PHI3_FACTS.md, 3).
+`<|endoftext|>` special without rstrip (as in Phi-3-mini-4k-instruct's tokenizer.json on the Hub).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# The Jinja sources of Phi-3's templates, verbatim from PHI3_FACTS.md, 3.
+# The Jinja sources of Phi-3's templates, verbatim from each model's tokenizer_config.json on the Hub.
 CURRENT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
