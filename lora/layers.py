@@ -260,7 +260,10 @@ class LoRALayer:
         """
         refuse_quantized_merge(self, "merge()")
         if self.has_lora:
-            self.merged_weight = self.merged_weight_tensor()
+            # An ordinary tensor even when merged inside inference_mode (an @inference_mode eval or generate calling
+            # eval()): an inference tensor could not be saved for a later forward's backward
+            with torch.inference_mode(False), torch.no_grad():
+                self.merged_weight = self.merged_weight_tensor()
         self.merged = True
 
     def unmerge(self) -> None:
@@ -676,6 +679,7 @@ class Linear(LoRALayer, nn.Linear):
         # squares are recomputed every call (a pass over W, small beside W's own gradient GEMM).
         weight = self._weight_out_in()
         if self.weight.requires_grad:
+            self._drop_dora_caches()  # written while trainable: what was kept before may be stale once frozen again
             return _row_squares(weight)
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device)
         cached = self.__dict__.get("_dora_row_squares")
@@ -699,7 +703,8 @@ class Linear(LoRALayer, nn.Linear):
         if torch.is_grad_enabled() or self.weight.requires_grad:  # a trainable W: see _weight_row_squares
             return self._compute_dora_norm()
         weight = self._weight_out_in()
-        key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.stride(), self.scaling)
+        # the Parameter's identity: with fan_in_fan_out, `weight` is a new transposed view at every call
+        key = (id(self.weight), weight.data_ptr(), weight._version, weight.dtype, weight.stride(), self.scaling)
         cached = self.__dict__.get("_dora_norm")
         if (cached is not None and cached[0] == key and torch.equal(cached[1], self.lora_A)
                 and torch.equal(cached[2], self.lora_B)):
@@ -707,6 +712,10 @@ class Linear(LoRALayer, nn.Linear):
         norm = self._compute_dora_norm()
         self.__dict__["_dora_norm"] = (key, self.lora_A.detach().clone(), self.lora_B.detach().clone(), norm)
         return norm
+
+    def _drop_dora_caches(self) -> None:
+        self.__dict__.pop("_dora_row_squares", None)
+        self.__dict__.pop("_dora_norm", None)
 
     def _compute_dora_norm(self) -> torch.Tensor:
         with torch.no_grad(), no_autocast(self.weight.device):
@@ -804,16 +813,24 @@ class Linear(LoRALayer, nn.Linear):
                             f"(x.to({dtype})) or run under torch.autocast")
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same maths with plain autograd ops (used for a custom `lora_dropout` module)."""
-        if quant.is_quantized(self.weight):
-            result = _linear4bit(x, self.weight, self.bias)
-        else:
-            result = F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+        """The same maths with plain autograd ops (used for a custom `lora_dropout` module): the bias and the
+        adapters' output first, then the frozen GEMM accumulated onto them, one rounding of the sum as in the
+        hand-written path (over a 4-bit base, bitsandbytes' output plus the adapters')."""
         xa = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-        delta = torch.zeros(*result.shape, dtype=xa.dtype, device=result.device)
+        delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=xa.dtype, device=x.device)
         for s in self.lora_slices:
             delta[..., s.columns] = xa[..., s.a_rows] @ self.lora_B[s.b_rows].t()
-        return result + (delta * self.scaling).to(result.dtype)
+        delta = delta * self.scaling
+        if quant.is_quantized(self.weight):
+            result = _linear4bit(x, self.weight, self.bias)
+            return result + delta.to(result.dtype)
+        dtype = compute_dtype(x)
+        first = delta if self.bias is None else delta + self.bias
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+        with no_autocast(x.device):
+            y = torch.addmm(first.to(dtype).reshape(-1, self.out_features), x.to(dtype).reshape(-1, self.in_features),
+                            weight.to(dtype).t())
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def _linear4bit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -987,10 +1004,11 @@ class Embedding(LoRALayer, nn.Embedding):
             return self._renorm(self._lookup(x, self._effective_weight()))
         rows = self._lookup(x, self.weight)
         with no_autocast(self.weight.device):  # a frozen lookup is not autocast either: the delta in float32
-            after_A = F.embedding(x, self.lora_A.t(), None, None, 2.0, self.scale_grad_by_freq)  # (..., r)
+            A, B = self._delta_factors()  # float32 (float64 over a float64 base) whatever the adapters' dtype
+            after_A = F.embedding(x, A.t(), None, None, 2.0, self.scale_grad_by_freq)  # (..., r)
             if self.padding_idx is not None:
                 after_A = after_A.masked_fill((x == self.padding_idx).unsqueeze(-1), 0)
-            delta = (after_A @ self.lora_B.t()) * self.scaling
+            delta = (after_A @ B.t()) * self.scaling
         # The sum rounded once to a 16-bit weight's dtype, so that a delta below its resolution still counts.
         wide = torch.promote_types(rows.dtype, delta.dtype)
         return self._renorm((rows.to(wide) + delta.to(wide)).to(rows.dtype))

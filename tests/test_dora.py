@@ -452,3 +452,29 @@ def test_the_norm_is_kept_while_nothing_changes_and_recomputed_when_anything_doe
         change()
         with torch.no_grad():
             torch.testing.assert_close(layer.dora_norm(), fresh(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_base_weight_trained_then_frozen_again_gets_its_current_norm():
+    # the caches of a frozen W are dropped while it is trainable: a fused optimizer leaves its version as it was
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4, use_dora=True)
+    randomise(layer)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        layer.dora_norm()  # kept for the frozen W
+    layer.weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW([layer.weight], lr=0.1, fused=True)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    layer.weight.requires_grad_(False)
+    fresh = torch.linalg.norm(layer.weight + lora_delta(layer), dim=1).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.dora_norm(), fresh, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.dora_norm(), fresh, rtol=1e-6, atol=1e-6)
+
+
+def test_the_kept_norm_is_found_again_with_fan_in_fan_out():
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4, use_dora=True, fan_in_fan_out=True)
+    randomise(layer)
+    with torch.no_grad():
+        assert layer.dora_norm() is layer.dora_norm()  # one (out, r) product, not one a generated token

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -899,3 +900,31 @@ def test_dropout_rate_is_the_configured_probability_in_either_mode():
     layer = lora.Linear(4, 4, r=2, lora_dropout=0.25)
     assert layer.dropout_rate == 0.25 and layer.eval().dropout_rate == 0.25
     assert lora.Linear(4, 4, r=2).dropout_rate == 0.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_merge_inside_inference_mode_leaves_an_ordinary_tensor(kind):
+    # an @inference_mode evaluation calling eval() merges; a later forward with autograd must still work
+    torch.manual_seed(0)
+    layer = lora.Linear(6, 4, r=2) if kind == "linear" else lora.Conv1d(6, 4, 1, r=2)
+    randomise(layer, seed=2)
+    x = torch.randn(3, 6, requires_grad=True) if kind == "linear" else torch.randn(3, 6, 5, requires_grad=True)
+    with torch.inference_mode():
+        layer.eval()
+    assert layer.merged and not layer.merged_weight.is_inference()
+    layer(x).sum().backward()
+    expected = torch.autograd.grad(F.linear(x, layer.merged_weight).sum() if kind == "linear"
+                                   else F.conv1d(x, layer.merged_weight, layer.bias).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_an_embedding_computes_its_delta_in_float32_whatever_the_adapters_dtype():
+    torch.manual_seed(0)
+    layer = lora.Embedding(20, 8, r=2, lora_alpha=4, adapter_dtype=torch.bfloat16)
+    randomise(layer, seed=4)
+    ids = torch.arange(20)
+    expected = layer.weight.double() + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double()).t()
+    trained = layer(ids)
+    layer.eval()  # merged: the float32 delta_weight
+    torch.testing.assert_close(trained.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(ids), trained, rtol=1e-6, atol=1e-6)
