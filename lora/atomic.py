@@ -11,9 +11,14 @@ a crash, kill -9 or power loss) sees either the complete old version or the comp
   that call, two renames (old aside, new in) leave a window of a few microseconds in which `path` is
   missing (the old version is still complete beside it, as `.NAME.tmp-...`).
 
-Temporaries are named `.NAME.tmp-HOST-PID-RANDOM`. A save that raises removes its own; one whose process
-was killed leaves it behind, and the next save to the same place removes every temporary of `NAME` whose
-process (on this host) is gone, so a crashed save of a large checkpoint does not hold its disk space forever.
+Temporaries are named `.NAME.tmp-HOST-PID.START-RANDOM` (START: the process's start time, where the system
+tells it, so that a later process given the same PID, as after a container restart, is not taken for it). A
+save that raises removes its own; one whose process was killed leaves it behind, and the next save into the
+same directory removes every temporary there whose process (on this host) is gone, so a crashed save of a
+large checkpoint does not hold its disk space forever. The old version a two-rename replacement sets aside is
+named `.NAME.old-...`: if the process died before the new version took its place, the next save puts it back
+rather than deleting it. A replaced or deleted directory is renamed to a temporary before it is deleted, so a
+kill midway leaves a temporary to clean up, never a half-deleted directory under a name that means something.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -29,37 +35,60 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_directory", "replace_directory", "remove_stale_temporaries"]
+__all__ = ["atomic_write", "atomic_directory", "remove_directory", "replace_directory", "remove_stale_temporaries"]
 
 _HOST = socket.gethostname().replace("-", "_") or "host"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+# .NAME.tmp-HOST-PID.START-RANDOM (START absent in names written before it was recorded)
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)(?:\.(?P<start>\d+))?"
+                        r"-[0-9a-f]+$")
+_owners: dict[int, str] = {}
 
 
-def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot, from Linux's /proc), or None where that is unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
 
 
-def _process_alive(pid: int) -> bool:
+def _temporary_name(path: Path, kind: str = "tmp") -> Path:
+    pid = os.getpid()
+    if pid not in _owners:  # per process: a forked child has its own PID and start time
+        _owners[pid] = f"{_HOST}-{pid}.{_start_time(pid) or 0}"
+    return path.with_name(f".{path.name}.{kind}-{_owners[pid]}-{secrets.token_hex(4)}")
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
-    return True
+        pass
+    now = _start_time(pid) if start not in (None, "0") else None
+    return now is None or now == start  # a different start time: the PID was given to a later process
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries that killed saves to `path` left beside it; returns what was removed."""
+    """Delete the temporaries that killed saves left beside `path` (in its directory, for any name; those of
+    live processes and other hosts stay); returns what was removed. An old version set aside by an unfinished
+    two-rename replacement is put back under its name instead, if nothing took that name."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():
         return removed
-    for candidate in path.parent.glob(f".{path.name}.tmp-*"):
-        owner = candidate.name[len(f".{path.name}.tmp-"):].rpartition("-")[0]  # HOST-PID
-        host, _, pid = owner.rpartition("-")
-        if host != _HOST or not pid.isdigit() or _process_alive(int(pid)):
+    for candidate in sorted(path.parent.iterdir()):
+        match = _TEMPORARY.match(candidate.name)
+        if match is None or match["host"] != _HOST or _process_alive(int(match["pid"]), match["start"]):
+            continue
+        original = candidate.with_name(match["name"])
+        if match["kind"] == "old" and not original.exists() and not original.is_symlink():
+            os.rename(candidate, original)  # the complete old version: its replacement never arrived
             continue
         if candidate.is_dir() and not candidate.is_symlink():
             shutil.rmtree(candidate, ignore_errors=True)
@@ -108,16 +137,20 @@ def _libc() -> Any:
         return None
 
 
-def replace_directory(source: str | os.PathLike, destination: str | os.PathLike, *, replace: bool = True) -> None:
+def replace_directory(source: str | os.PathLike, destination: str | os.PathLike, *, replace: bool = True,
+                      carry: Callable[[str], bool] | None = None) -> None:
     """Give the complete directory `source` the name `destination`, deleting what was there after.
 
     `source` must be a sibling of `destination` (same filesystem) whose content is already fsynced (as
     `atomic_directory` does). With `replace=False` an existing non-empty `destination` is kept and
-    `FileExistsError` raised.
+    `FileExistsError` raised. `carry(name)`: entries that appeared in the old version after `source` was filled
+    (another process writing there meanwhile) and that the new one lacks are moved into it before the old one
+    is deleted.
     """
     source, destination = Path(source), Path(destination)
     if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
         raise FileExistsError(f"{destination}: exists and is not a directory; refusing to replace it")
+    remove_stale_temporaries(destination)  # what an earlier replacement, killed while deleting, left
     try:
         os.rename(source, destination)  # destination missing, or an empty directory: one rename
     except OSError as err:
@@ -126,13 +159,30 @@ def replace_directory(source: str | os.PathLike, destination: str | os.PathLike,
         if not replace:
             raise FileExistsError(f"{destination}: already exists") from err
         if _exchange(source, destination):
-            shutil.rmtree(source)  # now the old version
+            old = source  # now the old version
         else:
-            aside = _temporary_name(destination)
-            os.rename(destination, aside)
+            old = _temporary_name(destination, "old")  # put back by the next save if we die before the second rename
+            os.rename(destination, old)
             os.rename(source, destination)
-            shutil.rmtree(aside)
+        # The new version is in place: what follows tidies up, and a failure there must not fail the save.
+        try:
+            if carry is not None:
+                for entry in sorted(old.iterdir()):
+                    if carry(entry.name) and not (destination / entry.name).exists():
+                        os.rename(entry, destination / entry.name)  # an open file keeps being written, now there
+            remove_directory(old)
+        except Exception:
+            shutil.rmtree(old, ignore_errors=True)
     _fsync_path(destination.parent)
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Delete a directory as a whole: renamed to a temporary first, so that a kill while it is being deleted
+    leaves a temporary (removed by the next save there), not a half-deleted directory under its name."""
+    path = Path(path)
+    trash = _temporary_name(path)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
 
 
 @contextlib.contextmanager
@@ -169,7 +219,7 @@ def atomic_directory(
                 else:
                     _link_or_copy(entry, tmp / entry.name)
         _fsync_tree(tmp)
-        replace_directory(tmp, path, replace=replace)
+        replace_directory(tmp, path, replace=replace, carry=carry)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

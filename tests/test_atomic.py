@@ -86,18 +86,92 @@ def test_a_killed_file_save_is_cleaned_by_the_next_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"] and (tmp_path / "f.json").read_text() == "new"
 
 
-def test_temporaries_of_live_processes_and_other_names_are_kept(tmp_path):
+def dead_pid() -> int:
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(process.stdout)
+
+
+def test_temporaries_of_live_processes_and_other_hosts_are_kept_and_a_reused_pid_is_not_alive(tmp_path):
     import os
 
     from lora import atomic
 
-    mine = tmp_path / f".out.tmp-{atomic._HOST}-{os.getpid()}-abcd"
+    start = atomic._start_time(os.getpid())
+    mine = tmp_path / f".out.tmp-{atomic._HOST}-{os.getpid()}.{start}-abcd"
+    legacy = tmp_path / f".out.tmp-{atomic._HOST}-{os.getpid()}-abcd"  # a name from before start times
     other_host = tmp_path / ".out.tmp-elsewhere-1-abcd"
-    other_name = tmp_path / ".outer.tmp-x-1-abcd"
-    for path in (mine, other_host, other_name):
+    for path in (mine, legacy, other_host):
         path.mkdir()
     assert remove_stale_temporaries(tmp_path / "out") == []
-    assert all(p.exists() for p in (mine, other_host, other_name))
+    assert all(p.exists() for p in (mine, legacy, other_host))
+    # the same PID with another start time: a process that died, its PID given to this one (a container restart)
+    reused = tmp_path / f".out.tmp-{atomic._HOST}-{os.getpid()}.{int(start) - 1}-abcd"
+    gone = tmp_path / f".other[1].tmp-{atomic._HOST}-{dead_pid()}.5-abcd"  # any name in the directory, globs too
+    for path in (reused, gone):
+        path.mkdir()
+    assert sorted(remove_stale_temporaries(tmp_path / "out")) == sorted([reused, gone])
+    assert all(p.exists() for p in (mine, legacy, other_host))
+
+
+def test_an_old_version_set_aside_by_a_killed_two_rename_swap_is_put_back(tmp_path, monkeypatch):
+    from lora import atomic
+
+    # what a process killed between "old aside" and "new in" leaves (the platform had no renameat2)
+    pid = dead_pid()
+    aside = tmp_path / f".out.old-{atomic._HOST}-{pid}.7-abcd"
+    new = tmp_path / f".out.tmp-{atomic._HOST}-{pid}.7-ef01"
+    for directory, text in ((aside, "old"), (new, "new")):
+        directory.mkdir()
+        (directory / "weights").write_text(text)
+    with pytest.raises(OSError, match="disk full"), atomic_directory(tmp_path / "out"):
+        raise OSError("disk full")  # the next save fails: the old version must still be there
+    assert (tmp_path / "out" / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the two-rename path itself
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "weights").write_text("newer")
+    assert (tmp_path / "out" / "weights").read_text() == "newer" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_directory_is_deleted_whole_or_not_at_all(tmp_path):
+    (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
+    for name in ("adapter", "state", "config"):
+        (tmp_path / "checkpoints" / "step-1" / name).write_text(name)
+    killed_during('''
+        import shutil
+        import lora.atomic as atomic
+
+        def rmtree(path, **kwargs):
+            next(Path(path).iterdir()).unlink()
+            os._exit(9)  # one file deleted, two left
+
+        atomic.shutil.rmtree = rmtree
+        atomic.remove_directory("checkpoints/step-1")
+    ''', tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()][0].startswith(".step-1.tmp-")  # not "step-1"
+    atomic_write(tmp_path / "checkpoints" / "step-2", lambda tmp: Path(tmp).write_text("x"))  # the next save
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
+
+
+def test_entries_another_process_adds_meanwhile_are_carried_into_the_new_version(tmp_path, monkeypatch):
+    # transformers' Trainer: another rank writes rng_state_1.pth into the checkpoint while rank 0 saves into it
+    from lora import atomic
+
+    out = tmp_path / "checkpoint-1"
+    out.mkdir()
+    (out / "trainer_state.json").write_text("{}")
+    fsync_tree = atomic._fsync_tree
+
+    def late_writer(root):  # after the carry's pass over `out`, before the swap
+        (out / "rng_state_1.pth").write_text("rank 1")
+        fsync_tree(root)
+
+    monkeypatch.setattr(atomic, "_fsync_tree", late_writer)
+    with atomic_directory(out, carry=lambda name: True) as tmp:
+        (tmp / "adapter_model.safetensors").write_text("weights")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors", "rng_state_1.pth",
+                                                       "trainer_state.json"]
+    assert (out / "rng_state_1.pth").read_text() == "rank 1" and [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 def test_carried_subdirectories_are_hard_linked_not_copied(tmp_path):

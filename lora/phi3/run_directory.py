@@ -21,11 +21,11 @@ Every file and directory is written with `lora.atomic` (temporary sibling, fsync
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import lora
-from lora.atomic import atomic_directory, atomic_write, replace_directory
+from lora.atomic import atomic_directory, atomic_write, remove_directory, replace_directory
 from lora.phi3.schedule import replan
 
 __all__ = [
@@ -180,7 +180,7 @@ def prune_checkpoints(ours: list[Path], limit: int, keep: Path | None) -> list[P
     ours = sorted(set(ours))
     for old in ours[:-limit]:
         if old != keep:
-            shutil.rmtree(old)
+            remove_directory(old)  # whole or absent: a half-deleted checkpoint would be picked by --resume
             ours.remove(old)
     return ours
 
@@ -286,6 +286,9 @@ class RunDirectory:
             raise ValueError(f"--output-dir {out} holds another run: continue it with --resume {out}, replace it "
                              "with --overwrite-output-dir (it is deleted only once this run has completed), or "
                              "choose another directory")
+        if out.is_symlink():  # a replacement takes out's name, which here is the link's
+            raise ValueError(f"--output-dir {out} is a symbolic link to a directory holding another run; give the "
+                             f"directory itself ({out.resolve()}) to replace that run, or choose another directory")
         return cls(out, None)
 
     @staticmethod
@@ -308,7 +311,7 @@ class RunDirectory:
                 log.info("%s holds an earlier run: this run writes %s, which replaces it once complete (until then "
                          "the earlier run stays; if this run is interrupted, --resume %s continues it)",
                          self.out, self.path, self.path)
-            for unfinished in sorted(self.out.parent.glob(f"{self.out.name}.next-*")):
+            for unfinished in sorted(self.out.parent.glob(f"{glob.escape(self.out.name)}.next-*")):
                 if unfinished.resolve() != self.path.resolve():
                     log.warning("%s: an interrupted run that was to replace %s (--resume it, or delete it)",
                                 unfinished, self.out)
@@ -334,7 +337,7 @@ class RunDirectory:
         self.metrics.finish()
         for stale in sorted((self.path / "checkpoints").glob("step-*")):
             if stale not in self.checkpoints:
-                shutil.rmtree(stale)
+                remove_directory(stale)
                 log.info("removed %s, left from an earlier run this one replaces", stale)
         if not self.is_replacement:
             return self.path

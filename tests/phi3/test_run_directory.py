@@ -171,6 +171,10 @@ def test_where_a_run_writes(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="exists and is not the directory of a training run"):
         RunDirectory.plan(tmp_path / "file", resume=None, given=False, overwrite=False)
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(ValueError, match=r"link is a symbolic link to a directory holding another run; give the"):
+        RunDirectory.plan(link, resume=None, given=False, overwrite=False)  # before training, not after it
 
 
 def test_a_replacement_takes_the_old_run_s_place_only_when_complete(tmp_path):
