@@ -65,8 +65,8 @@ def generate(
     the cached prefix is recomputed with the long factors (transformers drops its cache at that point too).
     Example: `generate(model, ids, max_new_tokens=32)` decodes greedily.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, seq) with at least one token, got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0.0:

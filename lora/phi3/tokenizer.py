@@ -162,6 +162,8 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
     if (root / BYTE_TOKENIZER_FILE).is_file():
         description: dict[str, Any] = read_json(root / BYTE_TOKENIZER_FILE)
         tokenizer = ByteTokenizer()
+        if not isinstance(description, dict):
+            raise ValueError(f"{root / BYTE_TOKENIZER_FILE}: expected a JSON object, got {type(description).__name__}")
         if description.get("special_tokens") != tokenizer.specials:
             raise ValueError(f"{root / BYTE_TOKENIZER_FILE}: special token ids differ from this version's")
         return tokenizer

@@ -58,6 +58,9 @@ def test_byte_tokenizer_round_trips_through_a_checkpoint_directory(tmp_path):
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "missing")
+    (tmp_path / "byte_tokenizer.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"byte_tokenizer.json: expected a JSON object, got list"):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize(

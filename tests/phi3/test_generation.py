@@ -125,8 +125,10 @@ def test_bad_generate_arguments() -> None:
     right_padded = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     with pytest.raises(ValueError, match="attention_mask has padding after a real token; generate needs left padding"):
         generate(model, ids, attention_mask=right_padded, max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\), got shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\) with at least one token, got shape \(4,\)"):
         generate(model, ids[0], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"at least one token, got shape \(2, 0\)"):
+        generate(model, ids[:, :0], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
         generate(model, ids, max_new_tokens=2, top_p=0)
     with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
