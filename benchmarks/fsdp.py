@@ -6,7 +6,9 @@ a temporary directory, then runs, each in fresh processes on this machine: one p
 projections) and training `--steps` AdamW steps on a global batch of 2 rows of `--seq` tokens. Memory is each
 process's unique set size (USS: private pages, file-backed or anonymous; RSS would count the page cache that
 ranks share once per rank), sampled every 50 ms: the peak while loading and the peak while training, each as
-a fraction of one process's. Step time is the median step after the first, against DDP's.
+a fraction of one process's. Step time is the median step after the first, against DDP's; the three modes run
+once each, one after another (not interleaved), so the step times are indicative, the memory is the point. The
+base is bf16 where the machine multiplies bf16 natively (avx512_bf16 / amx_bf16, or CUDA), else float32 (said so).
 
     python benchmarks/fsdp.py             # Phi-3-mini: 32 full-width layers (7.6 GB of weights), ~10 minutes and
                                           # ~18 GB of memory (one process, then 2 DDP ranks of the whole model)
@@ -33,6 +35,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from fullsize import native_bf16  # noqa: E402
 
 from lora.phi3 import Phi3Config, Phi3ForCausalLM, from_pretrained, patch, save_pretrained  # noqa: E402
 from lora.phi3.fsdp import from_pretrained_sharded  # noqa: E402
@@ -69,11 +74,11 @@ class PeakMemory:
         return peak
 
 
-def write_checkpoint(path: Path, layers: int, quick: bool) -> Phi3Config:
+def write_checkpoint(path: Path, layers: int, quick: bool, dtype: torch.dtype) -> Phi3Config:
     config = Phi3Config(num_hidden_layers=layers, **(QUICK if quick else {}))
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
-    model.to(torch.bfloat16).to_empty(device="cpu")  # bf16 from the start: a float32 copy would double the peak
+    model.to(dtype).to_empty(device="cpu")  # in its dtype from the start: a float32 copy of bf16 would double the peak
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -148,13 +153,17 @@ def main() -> None:
         worker(args.worker, args.checkpoint, args.steps, args.seq, args.out)
         return
     layers, steps, seq = (2, 2, 16) if args.quick else (args.layers, args.steps, args.seq)
+    native, why = native_bf16()
+    dtype = torch.bfloat16 if native else torch.float32  # emulated bf16 GEMMs would take 15-70x longer
+    print(f"base weights {'bf16' if native else 'float32'}: {why}")
     with tempfile.TemporaryDirectory(prefix="fsdp-bench-") as tmp:
-        config = write_checkpoint(Path(tmp), layers, args.quick)
+        config = write_checkpoint(Path(tmp), layers, args.quick, dtype)
         parameters = sum(p.numel() for p in Phi3ForCausalLM(config).parameters()) if args.quick else None
         results = {mode: run(mode, Path(tmp), steps, seq) for mode in ("one", "ddp", "fsdp")}
     one, ddp = results["one"][0], max(row["step_s"] for row in results["ddp"])
     size = f"{parameters:,} parameters" if parameters else f"{layers} full-width layers"
-    print(f"Phi-3 with {config.num_hidden_layers} layers (hidden {config.hidden_size}, {size}), bf16 base, "
+    base = "bf16" if native else "float32"
+    print(f"Phi-3 with {config.num_hidden_layers} layers (hidden {config.hidden_size}, {size}), {base} base, "
           f"LoRA r 16 on the four projections; global batch 2 x {seq} tokens, {steps} steps; torch {torch.__version__}")
     print(f"{'mode':<6} {'rank':>4} {'load peak MiB':>14} {'x one':>6} {'train peak MiB':>15} {'x one':>6} "
           f"{'step s':>8} {'x ddp':>6}")

@@ -4,7 +4,7 @@ Writes a Phi-3-mini-4k-shaped checkpoint (3,821,079,552 parameters, random bf16 
 the Hub's names and shapes) into a temporary directory on disk, streaming one tensor at a time, then
 measures each loader in a fresh process: load time, load + first 128-token forward, and peak RSS as a
 multiple of the weights' bytes; cold (files evicted from the page cache first) and warm, interleaved over
-repeats. The floor is reading the files once. The checkpoint is deleted at the end.
+repeats. The checkpoint is deleted at the end.
 
     python benchmarks/phi3_load.py            # full size, a few minutes and 7.6 GB of disk
     python benchmarks/phi3_load.py --quick    # tiny config, one repeat, no targets checked

@@ -9,7 +9,10 @@ dropout 0.05 (the recipe's) and 0. Rows:
 - `floor (transformers)`: the same for transformers' Phi3ForCausalLM (same weights, SDPA attention);
 - `ours`: `lora.phi3.patch` on our model, `model.loss` (chunked cross-entropy);
 - `peft`: `get_peft_model` on transformers' Phi3ForCausalLM, `model(ids, labels=ids).loss`;
-- `+ ckpt`: with gradient checkpointing (non-reentrant, per decoder layer), as the recipe trains.
+- `+ ckpt`: with gradient checkpointing (non-reentrant, per decoder layer), as the recipe trains. PEFT's is
+  transformers' `gradient_checkpointing_enable`, which also makes the embedding output require grad, as PEFT's
+  users get it (so that row also computes layer 0's input gradient); the rows without checkpointing drop that
+  hook again.
 
 Variants run interleaved, round after round, so the machine's noise hits them alike. `x floor` is the
 median over rounds of the ratio to our floor's time in the same round, with its spread (25th-75th
@@ -94,9 +97,13 @@ def set_checkpointing(ours: Phi3ForCausalLM, peft_model: nn.Module, enabled: boo
     ours.gradient_checkpointing = enabled
     hf = peft_model.base_model.model
     if enabled:
+        # transformers also hooks the embedding output to require grad here, as its users get it: PEFT then
+        # computes layer 0's input gradient too (a few % of a 2-layer step), which ours does not need
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         hf.gradient_checkpointing_disable()
+        if hasattr(hf, "_require_grads_hook"):  # which disable leaves on a PEFT model: the rows without must not pay
+            hf.disable_input_require_grads()
 
 
 def main() -> None:
