@@ -21,6 +21,7 @@ import torch
 import lora
 from lora.phi3 import DEFAULT_TARGETS, from_pretrained, generate, load_peft_adapter, patch
 from lora.phi3.chat import TEMPLATES, encode_prompt, stop_token_ids, template_from_checkpoint
+from lora.phi3.peft_format import read_peft_config
 from lora.phi3.tokenizer import load_tokenizer
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "runs" / "tiny-phi3-v2"
@@ -56,7 +57,7 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, Path, dict]:
     run_config: dict = {}
     peft_base = None
     if adapter is not None and (adapter / "adapter_config.json").is_file():
-        peft_base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        peft_base = read_peft_config(adapter).get("base_model_name_or_path")
     elif adapter is not None:
         if not (adapter / "adapter.safetensors").is_file() or not (adapter / "train_config.json").is_file():
             raise ValueError(f"--adapter {adapter}: expected adapter_config.json (PEFT) or adapter.safetensors "

@@ -37,8 +37,8 @@ from .layers import LoRALayer, MergedLinear, lora_layers
 from .sharding import shard_like, writes_files
 from .trainable import lora_state_dict
 
-__all__ = ["ARCHITECTURE_FIELDS", "AdapterMismatchError", "adapter_metadata", "fingerprint", "load_adapter",
-           "save_adapter"]
+__all__ = ["ARCHITECTURE_FIELDS", "AdapterMismatchError", "adapter_metadata", "check_tensors", "fingerprint",
+           "load_adapter", "save_adapter"]
 
 FORMAT = "lora-adapter"
 FORMAT_VERSION = "1"

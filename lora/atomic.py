@@ -9,7 +9,7 @@ a crash, kill -9 or power loss) sees either the complete old version or the comp
   exit it replaces `path` as a whole. An existing directory is swapped out in one `renameat2`
   `RENAME_EXCHANGE` (Linux) and deleted only after the new one is in place; where the platform lacks
   that call, two renames (old aside, new in) leave a window of a few microseconds in which `path` is
-  missing (the old version is still complete beside it, as `.NAME.tmp-...`).
+  missing (the old version is still complete beside it, as `.NAME.old-...`).
 
 Temporaries are named `.NAME.tmp-HOST-PID.START-RANDOM` (START: the process's start time, where the system
 tells it, so that a later process given the same PID, as after a container restart, is not taken for it). A

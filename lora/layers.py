@@ -372,11 +372,12 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
         return
     check_lora_shapes(model, state_dict, prefix)
     expected = {prefix + name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+    optional = set()  # keys torch fills in when absent
     metadata = getattr(state_dict, "_metadata", None) or {}
     for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
         version = metadata.get(name, {}).get("version")
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (version is None or version < 2):
-            expected.pop(f"{name}.num_batches_tracked" if name else "num_batches_tracked", None)
+            optional.add(f"{name}.num_batches_tracked" if name else "num_batches_tracked")
     given = {key: key for key in state_dict if key.startswith(prefix)}
     for name, module in model.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
         if isinstance(module, ConvLoRA):  # loralib 0.1.2's `conv.weight`, accepted on load
@@ -390,7 +391,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], prefix: st
             raise ValueError(f"shape mismatch for {given[key]}: the model's is {tuple(want)}, the state dict "
                              f"has {tuple(have)}; nothing was loaded")
     if strict:
-        missing, unexpected = sorted(set(expected) - set(given)), sorted(given[k] for k in set(given) - set(expected))
+        missing = sorted(set(expected) - set(given) - optional)
+        unexpected = sorted(given[k] for k in set(given) - set(expected))
         if missing or unexpected:
             parts = [f"Missing key(s) in state_dict: {', '.join(map(repr, missing[:10]))}"] if missing else []
             parts += [f"Unexpected key(s) in state_dict: {', '.join(map(repr, unexpected[:10]))}"] if unexpected else []
@@ -404,8 +406,10 @@ def _has_own_load_hooks(model: nn.Module) -> bool:
     ours = (_check_lora_shapes_hook, _accept_loralib_conv_keys)
     for module in model.modules():
         hooks = [*module._load_state_dict_pre_hooks.values(), *module._load_state_dict_post_hooks.values()]
-        if any(getattr(hook, "hook", hook) not in ours for hook in hooks):
-            return True
+        for hook in (getattr(hook, "hook", hook) for hook in hooks):
+            # FSDP2's own hooks (fully_shard) neither rename keys nor forgive missing ones
+            if hook not in ours and not getattr(hook, "__module__", "").startswith("torch.distributed.fsdp"):
+                return True
     return False
 
 
@@ -735,6 +739,8 @@ class Linear(LoRALayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.use_dora and self.weight.requires_grad:
+            self._drop_dora_caches()  # a trainable W may change unseen (fused optimizers keep its version)
         if not self._uses_lora_path():
             weight = self._effective_weight()
             if quant.is_quantized(weight):

@@ -531,8 +531,10 @@ def lowrank_linear(
     # the caller's dtype; each is a no-op when the dtype already fits. A packed 4-bit weight (a bitsandbytes
     # Params4bit, its bytes stored as uint8 or bf16) goes in as it is: the Function dequantizes it straight into the
     # compute dtype.
+    from lora.quant import is_quantized  # lora.quant imports this module
+
     quant_state = None
-    if getattr(weight, "quant_state", None) is not None:
+    if is_quantized(weight):
         quant_state = _quant_state(weight, fan_in_fan_out)
     else:
         weight = weight.to(dtype)

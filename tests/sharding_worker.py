@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.tensor import Shard, distribute_tensor
 
 import lora
 from lora.phi3 import (
@@ -102,6 +103,16 @@ def main(tmp: Path) -> None:
     for name, tensor in lora.lora_state_dict(reference).items():
         torch.testing.assert_close(lora.lora_state_dict(model)[name], tensor, msg=name)
     torch.testing.assert_close(model(ids), reference(ids))
+    # A state dict with one wrong LoRA shape changes nothing in the sharded model: FSDP2's own load hooks do not
+    # turn the whole-state-dict check off.
+    before = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    bad = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    last = sorted(bad)[-1]
+    bad[last] = distribute_tensor(torch.zeros(bad[last].shape[0], bad[last].shape[1] + 1), bad[last].device_mesh,
+                                  [Shard(0)])
+    with pytest.raises(ValueError, match=f"shape mismatch for {last}"):
+        model.load_state_dict(bad, strict=False)
+    assert all(torch.equal(v.full_tensor(), before[k]) for k, v in model.state_dict().items() if "lora_" in k)
     # What needs the whole model refuses a sharded one.
     with pytest.raises(ValueError, match="not one sharded with FSDP2"):
         merge_and_save(model, tmp / f"merged-{rank}")

@@ -471,6 +471,15 @@ def test_a_base_weight_trained_then_frozen_again_gets_its_current_norm():
     with torch.no_grad():
         torch.testing.assert_close(layer.dora_norm(), fresh, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer.dora_norm(), fresh, rtol=1e-6, atol=1e-6)
+    # the same with the step taken while the adapters were off (no norm computed while W was trainable)
+    layer.weight.requires_grad_(True)
+    with lora.disable_adapters(layer):
+        layer(x).square().sum().backward()
+    optimizer.step()
+    layer.weight.requires_grad_(False)
+    fresh = torch.linalg.norm(layer.weight + lora_delta(layer), dim=1).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.dora_norm(), fresh, rtol=1e-6, atol=1e-6)
 
 
 def test_the_kept_norm_is_found_again_with_fan_in_fan_out():

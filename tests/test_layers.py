@@ -806,10 +806,12 @@ def test_the_load_check_leaves_what_torch_would_load_to_torch():
     renamed = {k.replace("2.weight", "2.w").replace("0.weight", "0.w"): v for k, v in state.items()}
     for holder in (2, 0):  # the hook on a plain submodule, and on the LoRA layer itself
         target = model()
-        for i in (0, 2):
-            target[i].register_load_state_dict_pre_hook(rename)
-        target.load_state_dict(renamed)
+        target[holder].register_load_state_dict_pre_hook(rename)
+        target.load_state_dict({k: v for k, v in renamed.items() if k.startswith(f"{holder}.")} |
+                               {k: v for k, v in state.items() if not k.startswith(f"{holder}.")})
         assert torch.equal(target[holder].weight, source[holder].weight)
+    target = model()  # a state dict that holds num_batches_tracked, without version metadata, loads too
+    target.load_state_dict(dict(state))
 
     target = model()  # a post-hook that forgives a missing key, torch's documented way
     target.register_load_state_dict_post_hook(lambda module, keys: keys.missing_keys.remove("2.bias"))

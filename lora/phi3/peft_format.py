@@ -32,7 +32,7 @@ from lora.phi3.config import read_json
 from lora.phi3.patch import ModuleSpec, apply_specs, is_patchable
 from lora.sharding import full_tensor, is_sharded, shard_like, writes_files
 
-__all__ = ["save_peft_adapter", "load_peft_adapter", "peft_tensors"]
+__all__ = ["save_peft_adapter", "load_peft_adapter", "peft_tensors", "read_peft_config"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -181,7 +181,9 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, *, uniform_rank
         (tmp / CONFIG_NAME).write_text(text)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked `adapter_config.json` of PEFT adapter directory `path` (errors name the file and key)."""
+    path = Path(path)
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no PEFT adapter config (expected {CONFIG_NAME} in {path})")
@@ -291,7 +293,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     with FSDP2 (call it on every rank) each rank copies its slice of each tensor.
     """
     path = Path(path)
-    config = _read_config(path)
+    config = read_peft_config(path)
     raw = _read_tensors(path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():

@@ -252,6 +252,8 @@ def resumed_output_dir(checkpoint: Path, recorded: Path) -> Path:
     source = checkpoint.parent.parent
     if source.resolve() == recorded.resolve() or RunDirectory._replaces(source, recorded):
         return recorded
+    if source.name.startswith(f"{recorded.name}.next-"):  # a replacement of the run beside it (recorded relative to
+        return source.parent / recorded.name               # another working directory): it still replaces that run
     return source
 
 

@@ -19,6 +19,7 @@ from lora.phi3.run_directory import (
     plot_losses,
     prune_checkpoints,
     resume,
+    resumed_output_dir,
     save_checkpoint,
 )
 
@@ -230,3 +231,15 @@ def test_resume_refuses_a_finished_run_warns_about_changes_and_replans(tmp_path,
         resume(path, *trainer(), total_steps=2, data={"size": 2, "sha256": "b" * 64}, data_path="d.jsonl", rank=1,
                processes=1)
     assert caplog.text == ""  # the other ranks stay quiet
+
+
+def test_where_a_resumed_run_writes_without_an_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recorded = Path("runs") / "phi3-lora"  # relative, as the settings keep it
+    step = Path("checkpoints") / "step-000002"
+    assert resumed_output_dir(recorded / step, recorded) == recorded  # the run itself
+    assert resumed_output_dir(tmp_path / "copy" / step, recorded) == tmp_path / "copy"  # a copy continues there
+    assert resumed_output_dir(tmp_path / "lone-step", recorded) == recorded  # outside any run: its recorded one
+    # an interrupted replacement, resumed from another working directory: it still replaces the run beside it
+    elsewhere = tmp_path / "other" / "runs" / "phi3-lora.next-ab12"
+    assert resumed_output_dir(elsewhere / step, recorded) == elsewhere.parent / "phi3-lora"
