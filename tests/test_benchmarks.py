@@ -64,3 +64,19 @@ def test_verdicts_need_the_whole_interval_on_one_side(capsys):
         "lora 1.115x floor (95% CI 1.110-1.120), target 1.10x: MISSES; 1.000x peft's time (95% CI 1.000-1.000): "
         "undecided; 1.000x loralib's time (95% CI 1.000-1.001): undecided",
     ]
+
+
+def test_dora_verdicts_read_the_dora_targets(capsys):
+    # a DoRA row: at most DORA_TARGET x the floor, and at least DORA_SPEEDUP x faster than PEFT's DoRA
+    bench = _lora_linear_module()
+    row = dict(dtype="bfloat16", dropout=0.0, shape="o_proj 8->8", variant="lora dora", ms=1.0, ratio=1.12,
+               ci=(1.10, 1.14), spread=(1.10, 1.14), saved_mb=0.0, to_peer={"peft": (0.3, (0.25, 0.7))})
+    bench.print_table([row, {**row, "ratio": 1.20, "ci": (1.17, 1.25), "to_peer": {"peft": (0.3, (0.2, 0.4))}}],
+                      check=True)
+    verdicts = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert [line.split(": ", 1)[1] for line in verdicts] == [
+        f"lora dora 1.120x floor (95% CI 1.100-1.140), target {bench.DORA_TARGET:.2f}x: meets; 0.300x peft dora's "
+        f"time (95% CI 0.250-0.700), target {1 / bench.DORA_SPEEDUP:.3f}x: undecided",
+        f"lora dora 1.200x floor (95% CI 1.170-1.250), target {bench.DORA_TARGET:.2f}x: MISSES; 0.300x peft dora's "
+        f"time (95% CI 0.200-0.400), target {1 / bench.DORA_SPEEDUP:.3f}x: meets",
+    ]
