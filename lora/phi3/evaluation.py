@@ -38,6 +38,10 @@ class Evaluation:
     prompt: str
     max_new_tokens: int
 
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError("Evaluation needs at least one eval row")
+
     def __call__(self, model: Phi3ForCausalLM, procs: Processes) -> tuple[float, str]:
         with torch.random.fork_rng(devices=procs.rng_devices):
             loss = self.loss(model, procs)
@@ -66,6 +70,8 @@ class Evaluation:
         if procs.world > 1:
             dist.all_reduce(total)
         model.train()
+        if not total[1] > 0:  # every rank sees the same sums
+            raise ValueError("the eval set has no target tokens (labelled assistant tokens): its loss is undefined")
         return float(total[0] / total[1])
 
     def sample(self, model: Phi3ForCausalLM, device: torch.device) -> str:

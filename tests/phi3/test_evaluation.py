@@ -3,9 +3,11 @@ model's `model(ids, labels)` loss form that DDP wraps."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
+import pytest
 import torch
 from phi3_tiny import tiny_config
 
@@ -85,3 +87,14 @@ def test_one_process_without_torchrun(monkeypatch):
     procs = setup_processes("cpu")
     assert (procs.rank, procs.world, procs.device, procs.sharded, procs.rng_devices) == (0, 1, torch.device("cpu"),
                                                                                          False, [])
+
+
+def test_an_eval_set_without_targets_is_an_error_not_nan(tmp_path):
+    model, tokenizer, rows = setup(tmp_path)
+    with pytest.raises(ValueError, match="Evaluation needs at least one eval row"):
+        Evaluation([], 4, 256, tokenizer, PHI3, "q1", max_new_tokens=0)
+    unlabelled = [dataclasses.replace(row, labels=[-100] * len(row.labels)) for row in rows[:3]]
+    evaluation = Evaluation(unlabelled, 2, 256, tokenizer, PHI3, "q1", max_new_tokens=0)
+    with pytest.raises(ValueError, match="the eval set has no target tokens"):
+        evaluation.loss(model, ONE)
+    assert model.training
