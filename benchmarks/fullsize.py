@@ -7,7 +7,7 @@ interleaved over repeats (the order of the two stacks alternates), and deletes t
 - `forward`: our model's no-grad forward with the loss (the unit of the "three / two forwards" figures);
 - `floor`: our frozen model without adapters, forward + backward to the embedding output, with the same
   checkpointing (the frozen model's whole backward: a LoRA step needs slightly less, not layer 0's input
-  gradient, about 0.3% of a 32-layer step);
+  gradient);
 - `lora`: `lora.phi3.from_pretrained` + `patch` with the training script's settings (r=16, alpha=32,
   dropout 0.05 on the four projections), `model.loss`, backward, fused AdamW on the adapters (the
   script's, and transformers' Trainer's default);

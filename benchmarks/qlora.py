@@ -10,13 +10,12 @@ in a fresh process (peak RSS is the process's):
   the four projections, AdamW: ours on the bf16 base (the floor), ours on the NF4 base, and transformers' 4-bit
   Phi-3 (BitsAndBytesConfig, the same NF4 settings) with PEFT's LoRA; the three in one process, their steps
   interleaved (one round of a step each, repeated), so that the machine's load hits them alike. The step runs on
-  the first STEP_LAYERS
-  decoder layers of the same full-width model (a second checkpoint), since a full 32-layer step takes minutes on
-  a 2-core CPU. The layers cost the same, but the output head and the loss are a fixed cost that these few layers
-  weigh more than 32 would (about 14% of a 4-layer step's GEMM work, 2% of a 32-layer one), so the ratios here sit
-  closer to 1 than a whole model's. PEFT's side is transformers' `activation_checkpointing_enable`, which also
-  makes the embedding output require grad, as its users get it: its step computes layer 0's input gradient too
-  (one more dequantize and GEMM of about 48). Median of the timed steps after one warm-up. Must reach: ours NF4
+  the first STEP_LAYERS decoder layers of the same full-width model (a second checkpoint), since a full 32-layer
+  step takes minutes on a 2-core CPU. The layers cost the same, but the output head and the loss are a fixed cost
+  that these few layers weigh more than 32 would, so the ratios here sit closer to 1 than a whole model's. PEFT's
+  side is transformers' `activation_checkpointing_enable`, which also makes the embedding output require grad, as
+  its users get it: its step computes layer 0's input gradient too (one more dequantize and GEMM). Median of the
+  timed steps after one warm-up. Must reach: ours NF4
   <= 1.5x our bf16 step (goal 1.15x) and faster than PEFT's QLoRA.
 
 The compute dtype is bf16 where the CPU has native bf16 (avx512_bf16 or amx_bf16), else float32 (said so).

@@ -98,7 +98,7 @@ def set_checkpointing(ours: Phi3ForCausalLM, peft_model: nn.Module, enabled: boo
     hf = peft_model.base_model.model
     if enabled:
         # transformers also hooks the embedding output to require grad here, as its users get it: PEFT then
-        # computes layer 0's input gradient too (a few % of a 2-layer step), which ours does not need
+        # computes layer 0's input gradient too, which ours does not need
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         hf.gradient_checkpointing_disable()

@@ -150,7 +150,6 @@ def replace_directory(source: str | os.PathLike, destination: str | os.PathLike,
     source, destination = Path(source), Path(destination)
     if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
         raise FileExistsError(f"{destination}: exists and is not a directory; refusing to replace it")
-    remove_stale_temporaries(destination)  # what an earlier replacement, killed while deleting, left
     try:
         os.rename(source, destination)  # destination missing, or an empty directory: one rename
     except OSError as err:

@@ -682,8 +682,7 @@ class Linear(LoRALayer, nn.Linear):
         # base weight is an optimizer's to write, and a fused one writes without bumping the version counter: its
         # squares are recomputed every call (a pass over W, small beside W's own gradient GEMM).
         weight = self._weight_out_in()
-        if self.weight.requires_grad:
-            self._drop_dora_caches()  # written while trainable: what was kept before may be stale once frozen again
+        if self.weight.requires_grad:  # forward drops what was kept before (stale once frozen again)
             return _row_squares(weight)
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device)
         cached = self.__dict__.get("_dora_row_squares")

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 import lora
-from lora.atomic import atomic_directory, atomic_write, remove_directory, replace_directory
+from lora.atomic import (
+    atomic_directory,
+    atomic_write,
+    remove_directory,
+    remove_stale_temporaries,
+    replace_directory,
+)
 from lora.phi3.schedule import replan
 
 __all__ = [
@@ -306,6 +312,7 @@ class RunDirectory:
         """Create the directory (`write`: rank 0; the other ranks only read where it is) and `metrics`, keeping
         this run's checkpoints up to `start`; warns about interrupted replacements of `out`."""
         if write:
+            remove_stale_temporaries(self.out)  # what an earlier run, killed while replacing or pruning, left
             if self.in_place is None:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
                 self.path = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.next-", dir=self.out.parent))
